@@ -1,0 +1,220 @@
+"""The DeepSeek-V3 decoder: embed -> layers (MLA + dense MLP or MoE) -> norm -> lm head, plus MTP.
+
+Module names follow HF's `DeepseekV3ForCausalLM` (model.layers.N.self_attn.kv_a_proj_with_mqa, ...), so
+checkpoint keys map one-to-one except the routed experts, which we stack ([E, I, D]) and the checkpoint
+keeps per expert, and MTP blocks, which live in `mtp.k` here and at `model.layers.{num_hidden_layers+k}`
+in the checkpoint (see dsray/model/hf.py).
+
+Shape legend: B batch, S sequence, D hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsray.config import ModelConfig
+from dsray.model.mla import MLA, LatentCache
+from dsray.model.moe import MLP, MoE
+from dsray.model.rope import RMSNorm, Rotary
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int, expert_impl: str = "grouped") -> None:
+        super().__init__()
+        self.index = index
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp: nn.Module = (MoE(cfg, expert_impl) if cfg.is_moe_layer(index)
+                               else MLP(cfg.hidden_size, cfg.intermediate_size))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LatentCache | None = None, cache_slot: int = 0, start_pos: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, cache_slot, start_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class SharedHead(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTPBlock(DecoderLayer):
+    """Multi-token prediction depth k: h' = eh_proj([enorm(emb(t_{i+k})); hnorm(h_i^{k-1})]) -> decoder layer.
+
+    The embedding and output head are the main model's (the checkpoint stores copies of them)."""
+
+    def __init__(self, cfg: ModelConfig, index: int, expert_impl: str = "grouped") -> None:
+        super().__init__(cfg, index, expert_impl)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = SharedHead(cfg)
+
+    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos: torch.Tensor,  # type: ignore[override]
+                sin: torch.Tensor) -> torch.Tensor:
+        x = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
+        return super().forward(x, cos, sin)
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig, expert_impl: str) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, expert_impl) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, expert_impl: str = "grouped", mtp: bool = True) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg, expert_impl)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        n_mtp = cfg.num_nextn_predict_layers if mtp else 0
+        self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.num_hidden_layers + k, expert_impl) for k in range(n_mtp))
+        self.rotary = Rotary(cfg)
+
+    # ---- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    expert_impl: str = "grouped") -> "Transformer":
+        """A freshly initialised model (normal(0, initializer_range) weights, ones for norms)."""
+        model = cls(cfg, expert_impl)
+        model.init_weights(seed)
+        return model.to(dtype).keep_fp32_router()
+
+    def init_weights(self, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        std = self.cfg.initializer_range
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("norm.weight") or "layernorm" in name or name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+
+    def keep_fp32_router(self) -> "Transformer":
+        """Router weights and bias stay fp32 in every model dtype (as in HF and the V3 reference)."""
+        for m in self.moe_modules():
+            m.gate.float()
+            m.tokens_per_expert.data = m.tokens_per_expert.float()
+        self.rotary.inv_freq.data = self.rotary.inv_freq.float()
+        return self
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        expert_impl: str = "grouped") -> "Transformer":
+        """Load a HF deepseek_v3 safetensors folder (bf16/fp32 or FP8 block-scaled) into one process."""
+        from dsray.model.hf import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, device=device, expert_impl=expert_impl)
+
+    def save_pretrained(self, path, *, max_shard_bytes: int = 5 * 2**30, extra_json: dict | None = None,
+                        overwrite: bool = False) -> None:
+        """Write a HF folder in the official DeepSeek-V3 key layout (per-expert keys, MTP at layer L+k)."""
+        from dsray.model.hf import save_pretrained
+
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, extra_json=extra_json, overwrite=overwrite)
+
+    # ---- forward -------------------------------------------------------------------------------------
+    def moe_modules(self) -> list[MoE]:
+        """MoE layers in forward order: main layers, then MTP blocks."""
+        layers = list(self.model.layers) + list(self.mtp)
+        return [layer.mlp for layer in layers if isinstance(layer.mlp, MoE)]
+
+    def pop_expert_counts(self) -> torch.Tensor:
+        """[n_moe_layers, E] tokens routed per expert since the last pop (forward order of moe_modules)."""
+        mods = self.moe_modules()
+        if not mods:
+            return torch.zeros(0, 0)
+        return torch.stack([m.pop_counts() for m in mods])
+
+    def hidden(self, input_ids_BS: torch.Tensor, cache: LatentCache | None = None,
+               start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pre-norm last hidden state, final-normed hidden state), both [B, S, D]."""
+        S = input_ids_BS.shape[1]
+        x = self.model.embed_tokens(input_ids_BS)
+        pos = torch.arange(start_pos, start_pos + S, device=input_ids_BS.device)
+        cos, sin = self.rotary(pos, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, cache, i, start_pos)
+        return x, self.model.norm(x)
+
+    def forward(self, input_ids_BS: torch.Tensor, cache: LatentCache | None = None,
+                start_pos: int = 0) -> torch.Tensor:
+        return self.lm_head(self.hidden(input_ids_BS, cache, start_pos)[1])
+
+    def mtp_logits(self, input_ids_BS: torch.Tensor, h_BSD: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of each MTP depth k: position i predicts token i+k+1; depth k has S-k positions.
+
+        h_BSD is the main model's final-normed hidden state (what the V3 MTP modules consume)."""
+        out, h = [], h_BSD
+        emb = self.model.embed_tokens(input_ids_BS)
+        for k, block in enumerate(self.mtp, start=1):
+            S = h.shape[1] - 1
+            if S <= 0:
+                break
+            pos = torch.arange(S, device=h.device)
+            cos, sin = self.rotary(pos, h.dtype)
+            h = block(h[:, :S], emb[:, k:k + S], cos, sin)
+            out.append(self.lm_head(block.shared_head.norm(h)))
+        return out
+
+    def loss(self, input_ids_BS: torch.Tensor, mtp_weight: float = 0.3,
+             n_tokens: int | None = None) -> dict[str, torch.Tensor]:
+        """Next-token cross entropy (+ MTP). Sums divided by `n_tokens` (default: this batch's targets),
+        so data-parallel ranks can pass the global count and simply add gradients."""
+        _, h = self.hidden(input_ids_BS)
+        logits = self.lm_head(h)
+        V = logits.shape[-1]
+        tgt = input_ids_BS[:, 1:]
+        n = n_tokens if n_tokens is not None else tgt.numel()
+        main = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), tgt.reshape(-1), reduction="sum") / n
+        out = {"loss": main}
+        mtp = self.mtp_logits(input_ids_BS, h)
+        if mtp:
+            terms = []
+            for k, lg in enumerate(mtp, start=1):
+                t = input_ids_BS[:, k + 1:]
+                lg = lg[:, :t.shape[1]]
+                terms.append(F.cross_entropy(lg.reshape(-1, V).float(), t.reshape(-1), reduction="sum")
+                             / max(n, 1))
+            out["mtp_loss"] = torch.stack(terms).mean()
+            out["total"] = main + mtp_weight * out["mtp_loss"]
+        else:
+            out["total"] = main
+        return out
+
+    # ---- generation ----------------------------------------------------------------------------------
+    def new_cache(self, batch: int, max_len: int) -> LatentCache:
+        p = self.lm_head.weight
+        return LatentCache.allocate(self.cfg, self.cfg.num_hidden_layers, batch, max_len, p.dtype, p.device)
+
+    @torch.inference_mode()
+    def generate(self, input_ids_BS: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+                 seed: int | None = None) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled decoding with the latent cache; returns prompt + new ids."""
+        from dsray.model.sampling import sample_next
+
+        B, S = input_ids_BS.shape
+        cache = self.new_cache(B, S + max_new_tokens)
+        gen = torch.Generator(device=input_ids_BS.device).manual_seed(seed) if seed is not None else None
+        logits = self.forward(input_ids_BS, cache, 0)[:, -1]
+        out, done = [input_ids_BS], torch.zeros(B, dtype=torch.bool, device=input_ids_BS.device)
+        for step in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, gen)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            out.append(nxt[:, None])
+            if step + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):  # host sync
+                break
+            logits = self.forward(nxt[:, None], cache, S + step)[:, -1]
+        return torch.cat(out, dim=1)
