@@ -21,7 +21,7 @@ from dsray.config import ModelConfig
 log = logging.getLogger(__name__)
 
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
-_EXPERT_PARAM = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
+EXPERT_PARAM = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
 _MTP = re.compile(r"^mtp\.(\d+)\.(.*)$")
 
 
@@ -79,7 +79,7 @@ def load_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype = torch.
         if name in ("rotary.inv_freq",) or name.endswith("tokens_per_expert"):
             continue
         shapes[name] = t.shape
-        m = _EXPERT_PARAM.match(name)
+        m = EXPERT_PARAM.match(name)
         if m:
             hf_prefix = to_hf_name(m.group(1), cfg)
             layer = _hf_layer_of(hf_prefix)
@@ -98,8 +98,8 @@ def load_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype = torch.
     if not experts:
         allowed.update(k for k in reader.keys() if ".mlp.experts." in k)
     if not has_mtp:
-        allowed.update(k for k in reader.keys() if re.match(rf"model\.layers\.(\d+)\.", k)
-                       and int(k.split(".")[2]) >= L)
+        mtp_layers = {str(L + k) for k in range(cfg.num_nextn_predict_layers)}
+        allowed.update(k for k in reader.keys() if k.startswith("model.layers.") and k.split(".")[2] in mtp_layers)
     # HF writes zero-size shared experts when n_shared_experts == 0.
     allowed.update(k for k in reader.keys() if ".shared_experts." in k and 0 in reader.shape(k))
     unexpected = sorted(set(reader.keys()) - used - allowed)
@@ -112,7 +112,7 @@ def load_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype = torch.
     for name, keys in wanted.items():
         keep_fp32 = ".mlp.gate." in name  # router weight and bias stay fp32
         parts = [tensors.pop(k) for k in keys]
-        t = torch.stack(parts) if _EXPERT_PARAM.match(name) else parts[0]
+        t = torch.stack(parts) if EXPERT_PARAM.match(name) else parts[0]
         if t.shape != shapes[name]:
             raise CheckpointError(f"{reader.path}: tensor {keys[0]!r} has shape {tuple(parts[0].shape)}, "
                                   f"the config expects {tuple(shapes[name][1:] if len(keys) > 1 else shapes[name])}")
@@ -134,7 +134,7 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
-        m = _EXPERT_PARAM.match(name)
+        m = EXPERT_PARAM.match(name)
         if m:
             layer = _hf_layer_of(to_hf_name(m.group(1), cfg))
             for e in range(t.shape[0]):

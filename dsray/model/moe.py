@@ -99,7 +99,7 @@ class RoutedExperts(nn.Module):
         for e, x in enumerate(x_RD.split(counts)):
             h = F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e])
             outs.append(F.linear(h, self.down_proj[e]))
-        return torch.cat(outs) if outs else x_RD.new_zeros(0, self.down_proj.shape[1])
+        return torch.cat(outs) if outs else _empty_rows(x_RD)
 
     def _grouped_mm(self, x_RD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         offs = torch.tensor(counts, device=x_RD.device).cumsum(0).to(torch.int32)
@@ -111,7 +111,7 @@ class RoutedExperts(nn.Module):
         # Pad each expert's rows to the largest group and run three bmm's: [E, Cmax, D] x [E, D, I].
         E, cmax = self.n_experts, max(counts, default=0)
         if cmax == 0:
-            return x_RD.new_zeros(0, self.down_proj.shape[1])
+            return _empty_rows(x_RD)
         counts_E = torch.tensor(counts, device=x_RD.device)
         expert_R = torch.repeat_interleave(torch.arange(E, device=x_RD.device), counts_E)
         starts_E = torch.cumsum(counts_E, 0) - counts_E
@@ -121,6 +121,12 @@ class RoutedExperts(nn.Module):
         h = F.silu(torch.bmm(xp, self.gate_proj.transpose(1, 2))) * torch.bmm(xp, self.up_proj.transpose(1, 2))
         y = torch.bmm(h, self.down_proj.transpose(1, 2))
         return y.reshape(E * cmax, -1).index_select(0, flat_R)
+
+
+def _empty_rows(x_RD: torch.Tensor) -> torch.Tensor:
+    # Zero rows, but still in x_RD's autograd graph: expert parallelism runs backward collectives through
+    # this node on ranks that received nothing, so it must exist (in and out width are both D).
+    return x_RD[:0] * 0
 
 
 # The routed path: (x_TD, weights_TK, ids_TK) -> y_TD. Expert parallelism swaps in its own.

@@ -83,21 +83,44 @@ class Transformer(nn.Module):
     # ---- construction ------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
-                    expert_impl: str = "grouped") -> "Transformer":
-        """A freshly initialised model (normal(0, initializer_range) weights, ones for norms)."""
-        model = cls(cfg, expert_impl)
+                    expert_impl: str = "grouped", device: str | torch.device = "cpu", experts: bool = True,
+                    mtp: bool = True) -> "Transformer":
+        """A freshly initialised model (normal(0, initializer_range) weights, ones for norms).
+
+        Built on the meta device and materialised once; experts=False leaves the routed experts out
+        (driver ranks of expert parallelism never allocate them)."""
+        from dsray.model.rope import rope_frequencies
+
+        with torch.device("meta"):
+            model = cls(cfg, expert_impl, mtp=mtp)
+        if not experts:
+            for m in model.moe_modules():
+                m.experts = None
+        model = model.to_empty(device=device)
         model.init_weights(seed)
+        for m in model.moe_modules():
+            m.gate.e_score_correction_bias.zero_()
+            m.tokens_per_expert.zero_()
+        model.rotary.inv_freq = rope_frequencies(cfg)[0].to(device)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
         return model.to(dtype).keep_fp32_router()
 
     def init_weights(self, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
+        """normal(0, initializer_range) weights, ones for norms, zero bias; keyed by checkpoint name."""
+        from dsray.model.hf import EXPERT_PARAM, to_hf_name
+        from dsray.model.init import init_expert, init_tensor
+
         std = self.cfg.initializer_range
         with torch.no_grad():
             for name, p in self.named_parameters():
-                if name.endswith("norm.weight") or "layernorm" in name or name.endswith("norm.weight"):
-                    p.fill_(1.0)
+                m = EXPERT_PARAM.match(name)
+                if m:
+                    layer = int(to_hf_name(m.group(1), self.cfg).split(".")[2])
+                    for e in range(p.shape[0]):
+                        p[e].copy_(init_expert(self.cfg, layer, e, m.group(2), seed))
                 else:
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
+                    p.copy_(init_tensor(to_hf_name(name, self.cfg), tuple(p.shape), std, seed))
 
     def keep_fp32_router(self) -> "Transformer":
         """Router weights and bias stay fp32 in every model dtype (as in HF and the V3 reference)."""

@@ -1,0 +1,490 @@
+"""Engine: the job driver's API. Starts the Router, D DriverRanks and S ExpertShards, and drives steps.
+
+    with Engine.from_config("debug", num_drivers=2, num_shards=3) as eng:
+        out = eng.train_step(batch)          # one actor call per rank per step
+        ids = eng.generate(prompt_ids, 32)
+        eng.save("ckpt/")
+
+It joins a cluster when RAY_ADDRESS is set (as inside `ray job submit`) and starts an embedded local
+Ray otherwise. Every actor and the placement group are removed on shutdown, on error and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dsray.config import ModelConfig, resolve_config
+from dsray.parallel.placement import Placement
+from dsray.runtime.ranks import DTYPES, RankSpec
+
+log = logging.getLogger(__name__)
+NAMESPACE = "dsray"
+
+
+def router_name(engine: str) -> str:
+    return f"dsray-router-{engine}"
+
+
+@dataclass
+class Resources:
+    """What one rank asks Ray for: CPUs, GPUs and custom resources (e.g. {"node:10.0.0.5": 0.01})."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+
+    def bundle(self) -> dict[str, float]:
+        b = {"CPU": self.num_cpus, **self.resources}
+        if self.num_gpus:
+            b["GPU"] = self.num_gpus
+        return {k: v for k, v in b.items() if v}
+
+
+def _as_resources(r: Resources | dict | None, device: str) -> Resources:
+    if isinstance(r, Resources):
+        return r
+    r = dict(r or {})
+    return Resources(num_cpus=r.pop("num_cpus", 1.0), num_gpus=r.pop("num_gpus", 1.0 if device == "cuda" else 0.0),
+                     resources=r.pop("resources", r))
+
+
+def ensure_ray(min_cpus: int = 1) -> bool:
+    """Join RAY_ADDRESS's cluster, or start an embedded local Ray. Returns True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return False
+    ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False, log_to_driver=True)
+    return True
+
+
+class Engine:
+    def __init__(self, config: ModelConfig, *, checkpoint: str | os.PathLike | None = None, seed: int = 0,
+                 num_drivers: int = 1, num_shards: int = 1, device: str = "cpu", dtype: str | torch.dtype = "float32",
+                 placement: str | Placement | dict | list = "linear", name: str = "dsray", gamma: float = 1e-3,
+                 lr: float = 1e-3, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
+                 mtp_weight: float = 0.3, expert_impl: str = "grouped", threads: int = 1,
+                 driver_resources: Resources | dict | None = None,
+                 shard_resources: Resources | dict | list | None = None, strategy: str = "PACK",
+                 step_timeout_s: float = 600.0, init_timeout_s: float = 300.0, metrics: bool = True,
+                 resume_optimizer: bool = True) -> None:
+        # ---- validate everything before any actor starts ----------------------------------------
+        if num_drivers < 1:
+            raise ValueError(f"num_drivers={num_drivers}: expected >= 1")
+        if num_shards < 0:
+            raise ValueError(f"num_shards={num_shards}: expected >= 0")
+        if num_shards == 0 and num_drivers != 1:
+            raise ValueError("num_shards=0 runs the experts inside the single driver; it needs num_drivers=1")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device={device!r}: expected 'cpu' or 'cuda'")
+        dtype_name = str(dtype).removeprefix("torch.")
+        if dtype_name not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
+        if gamma < 0:
+            raise ValueError(f"gamma={gamma}: expected >= 0")
+        if strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"strategy={strategy!r}: expected a Ray placement strategy")
+        if not config.has_moe and num_shards:
+            raise ValueError("this config has no MoE layers: use num_shards=0")
+        self.cfg, self.name = config, name
+        self.D, self.S = num_drivers, num_shards
+        self.device, self.dtype = device, dtype_name
+        self.mtp_weight, self.lr = mtp_weight, lr
+        self.step_timeout_s, self.init_timeout_s = step_timeout_s, init_timeout_s
+        self.checkpoint = str(Path(checkpoint).resolve()) if checkpoint else None
+        self.has_mtp = config.num_nextn_predict_layers > 0
+        if self.checkpoint:
+            from dsray.checkpoint import CheckpointReader
+
+            reader = CheckpointReader(self.checkpoint)  # fails fast on a missing/bad folder
+            self.has_mtp = self.has_mtp and f"model.layers.{config.num_hidden_layers}.eh_proj.weight" in reader
+        world = self.D + self.S
+        shard_ranks = list(range(self.D, world))
+        self.placement = self._placement(placement, shard_ranks, world) if self.S else None
+        self.moe_layers = [layer for layer in config.moe_layers
+                           if self.has_mtp or layer < config.num_hidden_layers]
+        drv_res = _as_resources(driver_resources, device)
+        if isinstance(shard_resources, list):
+            if len(shard_resources) != self.S:
+                raise ValueError(f"shard_resources has {len(shard_resources)} entries for num_shards={self.S}")
+            shard_res = [_as_resources(r, device) for r in shard_resources]
+        else:
+            shard_res = [_as_resources(shard_resources, device)] * self.S
+        optim = {"lr": lr, "beta1": betas[0], "beta2": betas[1], "weight_decay": weight_decay, "eps": 1e-8}
+        conf = config.to_dict()
+        self._specs = [RankSpec(rank=r, n_drivers=self.D, n_shards=self.S, config=conf,
+                                placement=self.placement.to_dict() if self.placement else None,
+                                has_mtp=self.has_mtp, checkpoint=self.checkpoint, seed=seed, dtype=dtype_name,
+                                device=device, expert_impl=expert_impl, threads=threads, optim=optim)
+                       for r in range(world)]
+
+        # ---- start ------------------------------------------------------------------------------
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self._ray, self._remove_pg = ray, remove_placement_group
+        self._closed = False
+        self.drivers: list = []
+        self.shards: list = []
+        self.router = None
+        self.pg = None
+        self._own_ray = ensure_ray(int(sum(b.num_cpus for b in [drv_res] * self.D + shard_res)) + 1)
+        atexit.register(self.shutdown)
+        try:
+            try:
+                ray.get_actor(router_name(name), namespace=NAMESPACE)
+                raise ValueError(f"an engine named {name!r} is already running on this cluster; pick another name")
+            except ValueError as e:
+                if "already running" in str(e):
+                    raise
+            bundles = [drv_res.bundle()] * self.D + [r.bundle() for r in shard_res]
+            self.pg = placement_group(bundles, strategy=strategy, name=f"dsray-{name}-{uuid.uuid4().hex[:6]}")
+            ready, _ = ray.wait([self.pg.ready()], timeout=init_timeout_s)
+            if not ready:
+                raise RuntimeError(f"placement group {bundles} ({strategy}) not placed within {init_timeout_s}s; "
+                                   f"cluster has {ray.available_resources()}")
+            from dsray.runtime.ranks import DriverRank, ExpertShard
+
+            env = {"env_vars": {"NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE", "0")}}
+            for r, spec in enumerate(self._specs):
+                res = drv_res if r < self.D else shard_res[r - self.D]
+                cls = DriverRank if r < self.D else ExpertShard
+                actor = ray.remote(cls).options(
+                    num_cpus=res.num_cpus, num_gpus=res.num_gpus, resources=res.resources or None,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
+                    name=f"dsray-{name}-{'driver' if r < self.D else 'shard'}-{r}", namespace=NAMESPACE,
+                    runtime_env=env, max_restarts=0,
+                ).remote(spec)
+                (self.drivers if r < self.D else self.shards).append(actor)
+            self.nodes = self._wait([a.node_info.remote() for a in self.ranks], init_timeout_s, "start ranks")
+            if world > 1:
+                addr, port = ray.get(self.drivers[0].master_addr.remote(), timeout=init_timeout_s)
+                self._wait([a.init_process_group.remote(addr, port, step_timeout_s) for a in self.ranks],
+                           init_timeout_s, "init process group")
+            stats = self._load_router_state()
+            bias = ray.get(self.drivers[0].state_bias.remote(), timeout=init_timeout_s)
+            self.router = ray.remote(_router_cls()).options(
+                name=router_name(name), namespace=NAMESPACE, num_cpus=0, max_concurrency=4,
+            ).remote(name, self.moe_layers, config.n_routed_experts, self.placement.to_dict() if self.placement
+                     else {"version": 0}, gamma=gamma, bias=bias.tolist(), step=stats.get("step", 0),
+                     history=stats.get("history"), metrics=metrics)
+            self._bias = bias
+            self._step = stats.get("step", 0)
+            if self.checkpoint and resume_optimizer and (Path(self.checkpoint) / "optimizer.safetensors").exists():
+                self._import_optimizer(Path(self.checkpoint))
+            self._report_placement()
+        except BaseException:
+            self.shutdown(graceful=False)
+            raise
+
+    # ---- construction helpers ----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kw: Any) -> "Engine":
+        """Load a HF deepseek_v3 folder: drivers read the dense weights, each shard only its experts."""
+        return cls(ModelConfig.from_pretrained(path), checkpoint=path, **kw)
+
+    @classmethod
+    def from_config(cls, config: str | os.PathLike | ModelConfig, seed: int = 0, **kw: Any) -> "Engine":
+        """A fresh model from a preset name, config.json path or ModelConfig; each rank initialises its
+        own slice deterministically (same weights as `Transformer.from_config(cfg, seed)`)."""
+        return cls(resolve_config(config), seed=seed, **kw)
+
+    def _placement(self, spec, shard_ranks: list[int], world: int) -> Placement:
+        E = self.cfg.n_routed_experts
+        if isinstance(spec, Placement):
+            p = spec
+        elif spec == "linear":
+            p = Placement.linear(E, shard_ranks, world)
+        elif spec in ("round_robin", "round-robin"):
+            p = Placement.round_robin(E, shard_ranks, world)
+        elif isinstance(spec, dict) and "slots" in spec:
+            p = Placement.from_dict(spec)
+        elif isinstance(spec, (dict, list)):
+            # explicit table: shard index (0..S-1) -> experts
+            items = spec.items() if isinstance(spec, dict) else enumerate(spec)
+            table = {self.D + int(k): list(v) for k, v in items}
+            p = Placement.from_table(table, E, world)
+        else:
+            raise ValueError(f"placement={spec!r}: expected 'linear', 'round_robin', a Placement or a table")
+        if p.world_size != world or any(p.local_experts(r) for r in range(self.D)):
+            raise ValueError(f"placement must put experts only on shard ranks {shard_ranks} of a world of {world}")
+        return p
+
+    @property
+    def ranks(self) -> list:
+        return self.drivers + self.shards
+
+    def _load_router_state(self) -> dict[str, Any]:
+        if not self.checkpoint:
+            return {}
+        f = Path(self.checkpoint) / "dsray_router.json"
+        if not f.exists():
+            return {}
+        try:
+            return json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f}: not valid JSON ({e})") from None
+
+    def _import_optimizer(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        state_file = folder / "dsray_state.json"
+        step = json.loads(state_file.read_text()).get("optim_step", 0) if state_file.exists() else 0
+        optim = load_file(folder / "optimizer.safetensors")  # safetensors: never unpickles
+        self._wait([a.import_optimizer.remote(optim, step) for a in self.ranks], self.init_timeout_s,
+                   "restore optimizer")
+
+    def _report_placement(self) -> None:
+        mem = self._wait([s.memory.remote() for s in self.shards], self.step_timeout_s, "shard memory")
+        shards = {str(self.D + j): {"node": self.nodes[self.D + j]["ip"], **m} for j, m in enumerate(mem)}
+        self._ray.get(self.router.set_placement.remote(self.placement.to_dict() if self.placement
+                                                       else {"version": 0}, shards), timeout=60)
+
+    # ---- waiting with timeouts and health checks ---------------------------------------------------
+    def _wait(self, futures: list, timeout: float, what: str) -> list:
+        """All results, or a RuntimeError naming the failed/stuck ranks; the first failure aborts at once
+        (its peers would otherwise sit in a collective until the process-group timeout)."""
+        ray = self._ray
+        index = {f: i for i, f in enumerate(futures)}
+        pending, deadline = list(futures), time.monotonic() + timeout
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                stuck = sorted(index[f] for f in pending)
+                alive = self._health()
+                self._broken = True
+                raise RuntimeError(f"{what}: rank(s) {stuck} did not finish within {timeout:.0f}s; "
+                                   f"rank liveness {alive}")
+            try:
+                ray.get(ready[0])
+            except Exception as e:  # noqa: BLE001 - re-raised with context
+                self._broken = True
+                raise RuntimeError(f"{what}: rank {index[ready[0]]} failed: {e}") from e
+        return ray.get(futures)
+
+    def _health(self) -> dict[int, bool]:
+        pings = {i: a.ping.remote() for i, a in enumerate(self.ranks)}
+        ready, _ = self._ray.wait(list(pings.values()), num_returns=len(pings), timeout=5)
+        return {i: f in ready for i, f in pings.items()}
+
+    def _check(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"engine {self.name!r} is shut down")
+        if getattr(self, "_broken", False):
+            raise RuntimeError(f"engine {self.name!r} failed in an earlier step; shut it down and start again")
+
+    def _ids(self, ids: torch.Tensor | list, min_len: int = 1) -> torch.Tensor:
+        t = torch.as_tensor(ids)
+        if t.dim() == 1:
+            t = t[None]
+        if t.dim() != 2 or t.dtype.is_floating_point:
+            raise ValueError(f"input_ids: expected integer ids [batch, seq], got {tuple(t.shape)} {t.dtype}")
+        if t.shape[1] < min_len:
+            raise ValueError(f"input_ids: sequences need at least {min_len} tokens, got {t.shape[1]}")
+        if t.numel() and (t.min() < 0 or t.max() >= self.cfg.vocab_size):
+            raise ValueError(f"input_ids: ids must be in [0, {self.cfg.vocab_size}), got "
+                             f"[{int(t.min())}, {int(t.max())}]")
+        return t.long()
+
+    def _split(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.tensor_split(ids, self.D))
+
+    # ---- steps --------------------------------------------------------------------------------------
+    def train_step(self, batch: torch.Tensor, lr: float | None = None) -> dict[str, Any]:
+        """One optimizer step over `batch` [B, S] (B >= num_drivers): data-parallel over drivers, experts
+        on shards. Returns loss, mtp_loss, per-layer counts, MaxVio, step time, tokens/s."""
+        self._check()
+        ids = self._ids(batch, 2)
+        if ids.shape[0] < self.D:
+            raise ValueError(f"batch of {ids.shape[0]} sequences for {self.D} driver ranks: need >= 1 each")
+        t0 = time.perf_counter()
+        n_tokens = ids.shape[0] * (ids.shape[1] - 1)
+        step = self._step
+        lr = self.lr if lr is None else lr
+        futs = [d.train_step.remote(step, part, self._bias, n_tokens, lr, self.mtp_weight)
+                for d, part in zip(self.drivers, self._split(ids))]
+        futs += [s.train_step.remote(step, lr) for s in self.shards]
+        res = self._wait(futs, self.step_timeout_s, f"train step {step}")
+        drv = res[:self.D]
+        counts = np.sum([r["counts"] for r in drv], axis=0)
+        loss = float(sum(r["loss"] for r in drv))
+        mtp = float(sum(r["mtp_loss"] for r in drv)) if drv[0]["mtp_loss"] is not None else None
+        seconds = time.perf_counter() - t0
+        rep = self._ray.get(self.router.report.remote(
+            "train", counts, loss=loss, mtp_loss=mtp, step_seconds=seconds, tokens=int(ids.numel()),
+            a2a=drv[0]["a2a"]), timeout=60)
+        self._bias = rep["bias"]
+        self._step = rep["step"]
+        return {"step": self._step, "loss": loss, "mtp_loss": mtp, "counts": counts,
+                "maxvio_batch": rep["maxvio_batch"], "maxvio_window": rep["maxvio_window"],
+                "step_time_s": seconds, "tokens_per_s": ids.numel() / seconds,
+                "shard_memory": [r for r in res[self.D:]]}
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, S, V] (fp32 on CPU)."""
+        self._check()
+        ids = self._ids(input_ids)
+        t0 = time.perf_counter()
+        futs = [d.forward.remote(part, self._bias) for d, part in zip(self.drivers, self._split(ids))]
+        futs += [s.serve.remote() for s in self.shards]
+        res = self._wait(futs, self.step_timeout_s, "forward")[:self.D]
+        self._report("forward", res, ids.numel(), time.perf_counter() - t0)
+        return torch.cat([r["logits"] for r in res if r["logits"] is not None])
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+                 seed: int | None = None) -> torch.Tensor:
+        """Prompt + new ids [B, S + n]; greedy at temperature 0, else sampled (top-k / top-p)."""
+        self._check()
+        ids = self._ids(input_ids)
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 0")
+        if ids.shape[1] + max_new_tokens > self.cfg.max_position_embeddings:
+            raise ValueError(f"prompt + max_new_tokens = {ids.shape[1] + max_new_tokens} exceeds "
+                             f"max_position_embeddings={self.cfg.max_position_embeddings}")
+        t0 = time.perf_counter()
+        futs = [d.generate.remote(part, self._bias, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+                                  None if seed is None else seed + i)
+                for i, (d, part) in enumerate(zip(self.drivers, self._split(ids)))]
+        futs += [s.serve.remote() for s in self.shards]
+        res = self._wait(futs, self.step_timeout_s, "generate")[:self.D]
+        outs = [r["ids"] for r in res if r["ids"].shape[0]]
+        width = max(o.shape[1] for o in outs)
+        pad = eos_token_id if eos_token_id is not None else 0
+        out = torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1]), value=pad) for o in outs])
+        self._report("generate", res, int(out.shape[0] * (width - ids.shape[1])), time.perf_counter() - t0)
+        return out
+
+    def _report(self, mode: str, res: list[dict], tokens: int, seconds: float) -> None:
+        counts = np.sum([r["counts"] for r in res], axis=0)
+        self._ray.get(self.router.report.remote(mode, counts, step_seconds=seconds, tokens=tokens,
+                                                a2a=res[0]["a2a"]), timeout=60)
+
+    # ---- state --------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        self._check()
+        return self._ray.get(self.router.stats.remote(), timeout=60)
+
+    def bias(self) -> np.ndarray:
+        return np.asarray(self._bias)
+
+    def grads(self) -> dict[str, torch.Tensor]:
+        """Gradients of the last train step under checkpoint keys: dense from driver 0 (identical on every
+        driver after the all-reduce), experts from the shards. For tests and debugging."""
+        from dsray.model.hf import to_hf_name
+
+        dense = self._ray.get(self.drivers[0].grads.remote(), timeout=60)
+        out = {to_hf_name(k, self.cfg): v for k, v in dense.items()}
+        for part in self._ray.get([s.grads.remote() for s in self.shards], timeout=60):
+            out.update(part)
+        return out
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """HF folder (official key layout, bias = the Router's) + optimizer.safetensors + dsray_router.json."""
+        from dsray.checkpoint import save_checkpoint, save_tensors
+
+        self._check()
+        path = Path(path)
+        if path.exists() and any(path.iterdir()) and not overwrite:
+            raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True)")
+        parts = self._wait([self.drivers[0].export_state.remote()] + [s.export_state.remote() for s in self.shards],
+                           self.step_timeout_s, "save")
+        weights: dict[str, torch.Tensor] = {}
+        optim: dict[str, torch.Tensor] = {}
+        for p in parts:
+            for k, v in p["weights"].items():
+                weights.setdefault(k, v)  # replicas hold identical copies
+            for k, v in p["optim"].items():
+                optim.setdefault(k, v)
+        bias = self._bias
+        for i, layer in enumerate(self.moe_layers):
+            weights[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"] = torch.as_tensor(bias[i]).float()
+        stats = self.stats()
+        conf = self.cfg.to_dict()
+        conf["num_nextn_predict_layers"] = self.cfg.num_nextn_predict_layers if self.has_mtp else 0
+        conf["torch_dtype"] = self.dtype
+        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            save_checkpoint(weights, tmp, conf, extra_json={
+                "dsray_router.json": stats,
+                "dsray_state.json": {"step": self._step, "optim_step": max(p["optim_step"] for p in parts),
+                                     "engine": self.name, "num_drivers": self.D, "num_shards": self.S}})
+            if optim:
+                save_tensors(optim, tmp / "optimizer.safetensors")
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop every actor and the placement group; idempotent; safe after errors and Ctrl-C."""
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        ray = self._ray
+        try:
+            if graceful and not getattr(self, "_broken", False) and self.ranks:
+                ray.wait([a.shutdown.remote() for a in self.ranks], num_returns=len(self.ranks), timeout=10)
+        except Exception:  # noqa: BLE001 - teardown continues regardless
+            pass
+        for a in self.ranks + ([self.router] if self.router is not None else []):
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass
+        if self.pg is not None:
+            try:
+                self._remove_pg(self.pg)
+            except Exception:  # noqa: BLE001
+                pass
+        try:
+            atexit.unregister(self.shutdown)
+        except Exception:  # noqa: BLE001
+            pass
+        if self._own_ray:
+            ray.shutdown()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown(graceful=exc[0] is None)
+
+
+def _router_cls():
+    from dsray.runtime.router import Router
+
+    return Router
+
+
+def attach_router(name: str):
+    """The Router actor of a running engine, found by name on the cluster (for `dsray status` / `top`)."""
+    import ray
+
+    try:
+        return ray.get_actor(router_name(name), namespace=NAMESPACE)
+    except ValueError:
+        raise ValueError(f"no running dsray engine named {name!r} on this cluster") from None

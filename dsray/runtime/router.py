@@ -1,0 +1,127 @@
+"""The Router actor: owns routing state for one engine.
+
+- per-layer expert bias (fp32), DeepSeek-V3 auxiliary-loss-free balancing (arXiv 2408.15664):
+  after each training step, with the global per-expert counts c of a layer,
+  bias += gamma * sign(mean(c) - c)   (gamma = 0 disables; the bias only selects experts)
+- the placement table and its version
+- load statistics: per-layer counts per step, moving average, MaxVio = (max c - mean c) / mean c per
+  batch and over a window of steps
+- their Prometheus metrics (dsray/runtime/metrics.py)
+
+It never sees tokens: the Engine reports counts after a step and hands the new bias to the ranks
+with the next step's call.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+from typing import Any
+
+import numpy as np
+
+
+def maxvio(counts_LE: np.ndarray) -> np.ndarray:
+    """(max - mean) / mean per layer; 0 for a layer that routed nothing."""
+    c = np.asarray(counts_LE, dtype=np.float64)
+    mean = c.mean(axis=-1)
+    return np.where(mean > 0, (c.max(axis=-1) - mean) / np.where(mean > 0, mean, 1), 0.0)
+
+
+class Router:
+    def __init__(self, engine: str, moe_layers: list[int], n_experts: int, placement: dict[str, Any],
+                 gamma: float = 1e-3, bias: list[list[float]] | None = None, window: int = 50,
+                 ema: float = 0.9, history: dict[str, Any] | None = None, step: int = 0,
+                 metrics: bool = True, expert_detail: str | None = None) -> None:
+        if gamma < 0:
+            raise ValueError(f"gamma={gamma}: expected >= 0")
+        self.engine, self.moe_layers, self.n_experts = engine, list(moe_layers), n_experts
+        self.gamma, self.window_len, self.ema_decay = float(gamma), window, ema
+        L = len(self.moe_layers)
+        self.bias = (np.zeros((L, n_experts), np.float32) if bias is None
+                     else np.asarray(bias, dtype=np.float32).reshape(L, n_experts))
+        self.placement = placement
+        self.step = step
+        self.window: collections.deque[np.ndarray] = collections.deque(maxlen=window)
+        self.ema = np.zeros((L, n_experts))
+        self.last_counts = np.zeros((L, n_experts), np.int64)
+        self.history = history or {k: [] for k in ("step", "mode", "maxvio_batch", "maxvio_window", "loss",
+                                                   "mtp_loss", "tokens_per_s", "step_seconds", "counts")}
+        self.shards: dict[str, Any] = {}
+        self.last_tokens_per_s: float | None = None
+        self.metrics = None
+        if metrics:
+            from dsray.runtime.metrics import DsrayMetrics
+
+            self.metrics = DsrayMetrics(engine, self.moe_layers, n_experts, expert_detail)
+        self._last_report = time.time()
+
+    def get_bias(self) -> np.ndarray:
+        return self.bias.copy()
+
+    def report(self, mode: str, counts_LE: np.ndarray, *, loss: float | None = None, mtp_loss: float | None = None,
+               step_seconds: float = 0.0, tokens: int = 0, a2a: dict | None = None,
+               update_bias: bool | None = None) -> dict[str, Any]:
+        """Record one step's global counts; for training steps apply the bias rule. Returns the new bias
+        and this step's balance numbers."""
+        c = np.asarray(counts_LE, dtype=np.int64).reshape(len(self.moe_layers), self.n_experts)
+        update = (mode == "train") if update_bias is None else update_bias
+        if update and self.gamma > 0:
+            mean = c.mean(axis=1, keepdims=True)
+            self.bias += (self.gamma * np.sign(mean - c)).astype(np.float32)
+        if mode == "train":
+            self.step += 1
+        self.last_counts = c
+        self.window.append(c)
+        self.ema = self.ema_decay * self.ema + (1 - self.ema_decay) * c if self.ema.any() else c.astype(float)
+        mv_batch = maxvio(c)
+        mv_window = maxvio(np.sum(self.window, axis=0))
+        tps = tokens / step_seconds if step_seconds > 0 else None
+        self.last_tokens_per_s = tps
+        h = self.history
+        h["step"].append(self.step)
+        h["mode"].append(mode)
+        h["maxvio_batch"].append(mv_batch.round(6).tolist())
+        h["maxvio_window"].append(mv_window.round(6).tolist())
+        h["loss"].append(loss)
+        h["mtp_loss"].append(mtp_loss)
+        h["tokens_per_s"].append(tps)
+        h["step_seconds"].append(step_seconds)
+        h["counts"].append(c.tolist())
+        if self.metrics is not None:
+            self.metrics.record_step(mode=mode, counts_LE=c, bias_LE=self.bias, maxvio_batch_L=mv_batch,
+                                     maxvio_window_L=mv_window, step_seconds=step_seconds, tokens=tokens,
+                                     loss=loss, a2a_seconds=a2a)
+        self._last_report = time.time()
+        return {"bias": self.bias.copy(), "maxvio_batch": mv_batch, "maxvio_window": mv_window,
+                "step": self.step}
+
+    def set_placement(self, placement: dict[str, Any], shards: dict[str, Any]) -> int:
+        """Placement table (with its version) and per-shard facts: node, slots, memory bytes."""
+        self.placement = placement
+        self.shards = shards
+        if self.metrics is not None:
+            self.metrics.record_placement(
+                version=int(placement.get("version", 0)),
+                shard_experts={k: (v["node"], v["slots"]) for k, v in shards.items()},
+                shard_memory={k: (v["weights"], v["optimizer"]) for k, v in shards.items()})
+        return int(placement.get("version", 0))
+
+    def refresh_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.refresh()
+
+    def stats(self) -> dict[str, Any]:
+        bias = self.bias.tolist()
+        return {
+            "engine": self.engine, "step": self.step, "moe_layers": self.moe_layers, "n_experts": self.n_experts,
+            "gamma": self.gamma, "placement": self.placement, "placement_version": self.placement.get("version", 0),
+            "bias": bias, "last_counts": self.last_counts.tolist(), "ema_counts": self.ema.round(3).tolist(),
+            "maxvio_batch": maxvio(self.last_counts).tolist(),
+            "maxvio_window": maxvio(np.sum(self.window, axis=0)).tolist() if self.window else [0.0] * len(bias),
+            "tokens_per_s": self.last_tokens_per_s, "shards": self.shards, "history": self.history,
+        }
+
+    def stats_json(self) -> str:
+        return json.dumps(self.stats())
