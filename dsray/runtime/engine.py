@@ -417,7 +417,7 @@ class Engine:
                 optim.setdefault(k, v)
         bias = self._bias
         for i, layer in enumerate(self.moe_layers):
-            weights[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"] = torch.as_tensor(bias[i]).float()
+            weights[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"] = torch.tensor(np.array(bias[i]), dtype=torch.float32)
         stats = self.stats()
         conf = self.cfg.to_dict()
         conf["num_nextn_predict_layers"] = self.cfg.num_nextn_predict_layers if self.has_mtp else 0
