@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import YARN, assert_close
+from helpers import YARN, assert_close
 from dsray.model import Transformer
 
 CASES = {

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import assert_close
+from helpers import assert_close
 from dsray.checkpoint import CheckpointError, quantize_fp8_blockwise
 from dsray.model import Transformer
 

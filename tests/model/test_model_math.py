@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import assert_close
+from helpers import assert_close
 from dsray.config import PRESETS, ModelConfig, preset
 from dsray.model import Gate, LatentCache, RoutedExperts, Transformer
 

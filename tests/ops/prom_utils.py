@@ -1,0 +1,334 @@
+"""Helpers for the ops tests: a loopback Ray head and a loopback Prometheus that scrapes it.
+
+Everything binds 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, see shared/RAY-NOTES.md) and is
+stopped by process id: `RayHead` runs `ray start --head --block` in its own session and stops that
+session's processes, never `ray stop` (which would kill every Ray on the machine, other people's
+test clusters included). The head gets its own `--temp-dir`, so its service-discovery file
+(`<temp_dir>/prom_metrics_service_discovery.json`, the `/tmp/ray/...` file of a default install)
+is not shared with another Ray running on the same machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+PROMETHEUS = os.environ.get("PROMETHEUS_BIN", "/usr/bin/prometheus")
+PROMTOOL = os.environ.get("PROMTOOL_BIN", "/usr/bin/promtool")
+RAY_SD_FILE = "/tmp/ray/prom_metrics_service_discovery.json"
+INSTALL_HINT = "run `bash .ci/install-prometheus.sh` (installs Debian's prometheus and promtool)"
+
+LOOPBACK_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node IP 127.0.0.1, every Ray listener on loopback
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_metrics_report_interval_ms": "1000",  # export every second (floor) instead of every 10 s
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (held open together so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def wait_for(fn: Callable[[], T | None], timeout: float, what: str, interval: float = 0.5) -> T:
+    """Call `fn` until it returns something truthy; raise TimeoutError naming `what` (and the last
+    exception `fn` raised, if any) after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            value = fn()
+            if value:
+                return value
+        except Exception as e:  # noqa: BLE001 - retried until the deadline, reported below
+            last_exc = e
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}"
+                               + (f" (last error: {last_exc!r})" if last_exc else ""))
+        time.sleep(interval)
+
+
+def http_get_json(url: str, timeout: float = 10.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read().decode())
+
+
+def _proc_stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time in clock ticks) of a live process, from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    return int(fields[1]), int(fields[19])
+
+
+def _descendants(root: int) -> dict[int, int]:
+    """{pid: start time} of every live descendant of `root` (Ray's workers call setsid, so killing
+    the process group alone would miss them)."""
+    children: dict[int, list[tuple[int, int]]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (st := _proc_stat(int(entry))) is not None:
+            children.setdefault(st[0], []).append((int(entry), st[1]))
+    out: dict[int, int] = {}
+    todo = [root]
+    while todo:
+        for pid, start in children.get(todo.pop(), []):
+            if pid not in out:
+                out[pid] = start
+                todo.append(pid)
+    return out
+
+
+def _stop_session(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM the leader of a session we started, then SIGKILL what is left of its process group
+    and of its descendants (by pid, checking the start time so a reused pid is left alone)."""
+    started = _descendants(proc.pid)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # pgid == pid: started with start_new_session=True
+    except ProcessLookupError:
+        pass
+    for pid, start in started.items():
+        if (st := _proc_stat(pid)) is not None and st[1] == start:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+# ---- Ray -------------------------------------------------------------------------------------
+
+
+class RayHead:
+    """`ray start --head --block` on loopback with free ports, its own temp dir and the dashboard
+    (needed by `ray job submit`). Use as a context manager or call start()/stop()."""
+
+    def __init__(self, num_cpus: int = 2, extra_env: dict[str, str] | None = None) -> None:
+        self.num_cpus = num_cpus
+        # Short path: Ray's unix sockets live under it (108-byte limit).
+        self.temp_dir = tempfile.mkdtemp(prefix="dsr", dir="/tmp")
+        (self.gcs_port, self.metrics_port, self.dashboard_port, self.agent_http_port, self.agent_grpc_port,
+         self.runtime_env_port, self.node_manager_port, self.object_manager_port,
+         self.client_port) = free_ports(9)
+        self.env = {**os.environ, **LOOPBACK_ENV, **(extra_env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.log_path = Path(self.temp_dir) / "ray-start.log"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def sd_file(self) -> str:
+        return os.path.join(self.temp_dir, "prom_metrics_service_discovery.json")
+
+    def start(self, timeout: float = 60.0) -> RayHead:
+        cmd = [
+            "ray", "start", "--head", "--block", f"--temp-dir={self.temp_dir}",
+            f"--port={self.gcs_port}", f"--metrics-export-port={self.metrics_port}",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+            f"--dashboard-agent-listen-port={self.agent_http_port}",
+            f"--dashboard-agent-grpc-port={self.agent_grpc_port}",
+            f"--runtime-env-agent-port={self.runtime_env_port}", f"--node-manager-port={self.node_manager_port}",
+            f"--object-manager-port={self.object_manager_port}", f"--ray-client-server-port={self.client_port}",
+            "--min-worker-port=0", "--max-worker-port=0",  # random worker ports: no clash with another Ray
+            f"--num-cpus={self.num_cpus}", "--disable-usage-stats",
+        ]
+        log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        log.close()
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+            http_get_json(f"{self.dashboard_url}/api/version", timeout=2)
+            with open(self.sd_file) as f:
+                targets = json.load(f)[0]["targets"]
+            return f"127.0.0.1:{self.metrics_port}" in targets
+
+        try:
+            wait_for(ready, timeout, "the Ray head (dashboard and service-discovery file)")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop_session(self.proc, grace_s=20)
+            self.proc = None
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def __enter__(self) -> RayHead:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ---- Prometheus --------------------------------------------------------------------------------
+
+
+def prometheus_config(sd_file: str = RAY_SD_FILE, scrape_interval: str = "1s",
+                      refresh_interval: str = "5s") -> dict[str, Any]:
+    """Same shape as dashboards/prometheus.yml, with the test's service-discovery file and interval."""
+    return {
+        "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
+        "scrape_configs": [{
+            "job_name": "ray",
+            "file_sd_configs": [{"files": [sd_file], "refresh_interval": refresh_interval}],
+        }],
+    }
+
+
+class Prometheus:
+    """A Prometheus server on 127.0.0.1:<free port> with its TSDB in a temp dir."""
+
+    def __init__(self, sd_file: str = RAY_SD_FILE, scrape_interval: str = "1s") -> None:
+        if not os.path.exists(PROMETHEUS):
+            raise FileNotFoundError(f"{PROMETHEUS} not found: {INSTALL_HINT}")
+        self.dir = Path(tempfile.mkdtemp(prefix="dsray-prom-"))
+        self.port = free_port()
+        self.config_path = self.dir / "prometheus.yml"
+        self.config_path.write_text(yaml.safe_dump(prometheus_config(sd_file, scrape_interval)))
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.dir / "prometheus.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> Prometheus:
+        cmd = [PROMETHEUS, f"--config.file={self.config_path}", f"--web.listen-address=127.0.0.1:{self.port}",
+               f"--storage.tsdb.path={self.dir / 'data'}", "--storage.tsdb.retention.time=1h",
+               "--web.enable-lifecycle"]
+        log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prometheus exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as r:
+                return r.status == 200
+
+        try:
+            wait_for(ready, timeout, f"Prometheus at {self.url}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop_session(self.proc, grace_s=10)
+            self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Prometheus:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- HTTP API --
+
+    def _api(self, path: str, params: dict[str, Any]) -> Any:
+        url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+        try:
+            body = http_get_json(url)
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"Prometheus {path} failed ({e.code}) for {params}: {e.read().decode()}") from e
+        if body.get("status") != "success":
+            raise RuntimeError(f"Prometheus {path} failed for {params}: {body}")
+        return body["data"]
+
+    def query(self, promql: str, at: float | None = None) -> list[dict[str, Any]]:
+        """Instant query: [{'metric': {...}, 'value': [ts, 'str']}, ...]."""
+        params: dict[str, Any] = {"query": promql}
+        if at is not None:
+            params["time"] = at
+        return self._api("query", params)["result"]
+
+    def query_range(self, promql: str, start: float, end: float, step: float = 1.0) -> list[dict[str, Any]]:
+        """Range query: [{'metric': {...}, 'values': [[ts, 'str'], ...]}, ...]."""
+        return self._api("query_range", {"query": promql, "start": start, "end": end, "step": step})["result"]
+
+    def targets_up(self) -> list[str]:
+        data = self._api("targets", {"state": "active"})
+        return [t["scrapeUrl"] for t in data["activeTargets"] if t["health"] == "up"]
+
+    def wait_for_query(self, promql: str, timeout: float = 30.0,
+                       check: Callable[[list[dict[str, Any]]], bool] = bool) -> list[dict[str, Any]]:
+        """Poll an instant query until `check(result)` holds."""
+        last: list[dict[str, Any]] = []
+
+        def attempt() -> list[dict[str, Any]] | None:
+            nonlocal last
+            last = self.query(promql)
+            return last if check(last) else None
+
+        try:
+            return wait_for(attempt, timeout, f"Prometheus query {promql!r}")
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}; last result: {last}") from None
+
+
+def instant_values(result: list[dict[str, Any]], *labels: str) -> dict[tuple[str, ...], float]:
+    """{(label values...): value} of an instant-query result."""
+    return {tuple(r["metric"].get(k, "") for k in labels): float(r["value"][1]) for r in result}
+
+
+def has_finite_sample(result: list[dict[str, Any]]) -> bool:
+    """True if an instant or range result holds at least one finite (non-NaN, non-Inf) value."""
+    for r in result:
+        values = r.get("values") or ([r["value"]] if "value" in r else [])
+        if any(math.isfinite(float(v)) for _, v in values):
+            return True
+    return False
