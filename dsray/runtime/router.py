@@ -15,7 +15,9 @@ with the next step's call.
 from __future__ import annotations
 
 import collections
+import functools
 import json
+import threading
 import time
 from typing import Any
 
@@ -27,6 +29,15 @@ def maxvio(counts_LE: np.ndarray) -> np.ndarray:
     c = np.asarray(counts_LE, dtype=np.float64)
     mean = c.mean(axis=-1)
     return np.where(mean > 0, (c.max(axis=-1) - mean) / np.where(mean > 0, mean, 1), 0.0)
+
+
+def _locked(fn):
+    @functools.wraps(fn)
+    def wrapper(self, *a, **kw):
+        with self._lock:
+            return fn(self, *a, **kw)
+
+    return wrapper
 
 
 class Router:
@@ -56,10 +67,24 @@ class Router:
 
             self.metrics = DsrayMetrics(engine, self.moe_layers, n_experts, expert_detail)
         self._last_report = time.time()
+        # The actor serves calls on a few threads (stats() while a step reports): one lock guards state.
+        self._lock = threading.RLock()
+        if self.metrics is not None:
+            # Gauges not set again expire after ~2 export intervals; keep them alive while idle.
+            threading.Thread(target=self._refresh_loop, daemon=True, name="dsray-metrics").start()
 
+    def _refresh_loop(self, interval_s: float = 2.0) -> None:
+        while True:
+            time.sleep(interval_s)
+            if time.time() - self._last_report >= interval_s:
+                with self._lock:
+                    self.metrics.refresh()
+
+    @_locked
     def get_bias(self) -> np.ndarray:
         return self.bias.copy()
 
+    @_locked
     def report(self, mode: str, counts_LE: np.ndarray, *, loss: float | None = None, mtp_loss: float | None = None,
                step_seconds: float = 0.0, tokens: int = 0, a2a: dict | None = None,
                update_bias: bool | None = None) -> dict[str, Any]:
@@ -97,6 +122,7 @@ class Router:
         return {"bias": self.bias.copy(), "maxvio_batch": mv_batch, "maxvio_window": mv_window,
                 "step": self.step}
 
+    @_locked
     def set_placement(self, placement: dict[str, Any], shards: dict[str, Any]) -> int:
         """Placement table (with its version) and per-shard facts: node, slots, memory bytes."""
         self.placement = placement
@@ -108,10 +134,12 @@ class Router:
                 shard_memory={k: (v["weights"], v["optimizer"]) for k, v in shards.items()})
         return int(placement.get("version", 0))
 
+    @_locked
     def refresh_metrics(self) -> None:
         if self.metrics is not None:
             self.metrics.refresh()
 
+    @_locked
     def stats(self) -> dict[str, Any]:
         bias = self.bias.tolist()
         return {
