@@ -201,7 +201,7 @@ def main() -> None:
             continue
         r = run_layout(D, S, args)
         rows.append(r)
-        print(f"{r['layout']:>5} {r["gpus"]} ranks {r['tokens_per_s_per_gpu']:>10.0f} tok/s/GPU  "
+        print(f"{r['layout']:>5} {r['gpus']} ranks {r['tokens_per_s_per_gpu']:>10.0f} tok/s/GPU  "
               f"{r['tflops']:7.1f} TFLOP/s  dispatch {r['dispatch_GBps']:6.1f} GB/s  combine {r['combine_GBps']:6.1f}"
               f"  raw a2a {r['raw_a2a_GBps']:6.1f}  MaxVio {r['maxvio']:.2f}"
               + (f"  check {r['check_rel_err']:.1e}" if args.check else ""), flush=True)

@@ -171,5 +171,8 @@ class MoE(nn.Module):
 
 
 def combine_weighted(y_TKD: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-    """Sum of gate-weighted expert outputs, accumulated in fp32 and returned in y's dtype."""
-    return (y_TKD.float() * weights_TK.float()[..., None]).sum(dim=1).to(y_TKD.dtype)
+    """Sum over k of weights_TK[t, k] * y_TKD[t, k] as one batched GEMV ([T,1,K] x [T,K,D]).
+
+    The matmul accumulates in fp32 inside the kernel and reads y_TKD once; an fp32 copy of y_TKD
+    (T*K*D*4 bytes, 1.9 GB for 8192 V3 tokens) would cost more than the expert GEMMs' epilogue."""
+    return torch.bmm(weights_TK.to(y_TKD.dtype)[:, None, :], y_TKD)[:, 0]

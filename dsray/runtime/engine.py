@@ -338,12 +338,13 @@ class Engine:
                 "shard_memory": [r for r in res[self.D:]]}
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits [B, S, V] (fp32 on CPU)."""
+    def forward(self, input_ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, S, V] (fp32 on CPU); last_only=True returns [B, 1, V] (B*S*V*4 bytes otherwise
+        travel back through Ray: 256 MiB for 8x1024 tokens of an 8k vocab)."""
         self._check()
         ids = self._ids(input_ids)
         t0 = time.perf_counter()
-        futs = [d.forward.remote(part, self._bias) for d, part in zip(self.drivers, self._split(ids))]
+        futs = [d.forward.remote(part, self._bias, last_only) for d, part in zip(self.drivers, self._split(ids))]
         futs += [s.serve.remote() for s in self.shards]
         res = self._wait(futs, self.step_timeout_s, "forward")[:self.D]
         self._report("forward", res, ids.numel(), time.perf_counter() - t0)

@@ -203,7 +203,7 @@ class DriverRank(_Rank):
 
     # ---- inference -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, bias_LE: np.ndarray | None) -> dict[str, Any]:
+    def forward(self, ids: torch.Tensor, bias_LE: np.ndarray | None, last_only: bool = False) -> dict[str, Any]:
         self._set_bias(bias_LE)
         model = self.model.eval()
         model.pop_expert_counts()
@@ -215,6 +215,8 @@ class DriverRank(_Rank):
             if logits is None:
                 self._idle_pass()
             vote(False, self.world, self._vote_device())
+        if logits is not None and last_only:
+            logits = logits[:, -1:]
         return {"logits": None if logits is None else logits.float().cpu(),
                 "counts": model.pop_expert_counts().cpu().numpy(), "a2a": self.timer.pop()}
 
@@ -433,6 +435,27 @@ class ExpertShard(_Rank):
                         optim[f"{key}.exp_avg_sq"] = st["exp_avg_sq"][slot].detach().cpu().contiguous()
                         step = int(st["step"])
         return {"weights": weights, "optim": optim, "optim_step": step}
+
+    def import_state(self, weights: dict[str, torch.Tensor]) -> int:
+        """Overwrite hosted experts from tensors keyed like the checkpoint (`expert_key(layer, e, proj)`);
+        keys for experts this shard does not host are ignored. Returns how many tensors were taken."""
+        from dsray.model.hf import expert_key
+
+        taken = 0
+        with torch.no_grad():
+            for layer, mod in zip(self.layers, self.experts):
+                for p in ("gate_proj", "up_proj", "down_proj"):
+                    param = getattr(mod, p)
+                    for slot, e in enumerate(self.local):
+                        t = weights.get(expert_key(layer, e, p))
+                        if t is None:
+                            continue
+                        if tuple(t.shape) != tuple(param.shape[1:]):
+                            raise ValueError(f"{expert_key(layer, e, p)}: shape {tuple(t.shape)}, expected "
+                                             f"{tuple(param.shape[1:])}")
+                        param[slot].copy_(t)
+                        taken += 1
+        return taken
 
     def import_optimizer(self, optim: dict[str, torch.Tensor], step: int) -> bool:
         from dsray.model.hf import expert_key
