@@ -90,9 +90,17 @@ class RoutedExperts(nn.Module):
         assert len(counts) == self.n_experts and sum(counts) == x_RD.shape[0], (counts, x_RD.shape)
         if self.impl == "loop":
             return self._loop(x_RD, counts)
-        if x_RD.is_cuda and hasattr(torch, "_grouped_mm") and x_RD.dtype == torch.bfloat16:
+        if hasattr(torch, "_grouped_mm") and x_RD.shape[0] and self._grouped_mm_ok(x_RD):
             return self._grouped_mm(x_RD, counts)
         return self._batched(x_RD, counts)
+
+    def _grouped_mm_ok(self, x_RD: torch.Tensor) -> bool:
+        if x_RD.is_cuda:
+            return x_RD.dtype == torch.bfloat16
+        # CPU (torch 2.13): forward only, and only with 16-byte-aligned rows; its backward fails.
+        needs_grad = torch.is_grad_enabled() and (x_RD.requires_grad or self.gate_proj.requires_grad)
+        row_bytes = {x_RD.shape[1] * x_RD.element_size(), self.gate_proj.shape[1] * x_RD.element_size()}
+        return not needs_grad and x_RD.dtype == torch.float32 and all(b % 16 == 0 for b in row_bytes)
 
     def _loop(self, x_RD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         outs = []
