@@ -31,6 +31,8 @@ def _engine_args(p: argparse.ArgumentParser, drivers: int = 1, shards: int = 2) 
     p.add_argument("--placement", default="linear", help="linear | round_robin | path to a JSON table")
     p.add_argument("--name", default="dsray", help="engine name (the Router is found by it)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--cpus-per-rank", type=float, default=1.0,
+                   help="logical CPUs each rank asks Ray for (fractions allowed: ranks mostly wait in collectives)")
     p.add_argument("--no-metrics", action="store_true", help="do not export Prometheus metrics")
 
 
@@ -42,7 +44,8 @@ def _engine_kw(a: argparse.Namespace) -> dict[str, Any]:
             raise FileNotFoundError(f"--placement {placement}: no such file (or use linear / round_robin)")
         placement = json.loads(f.read_text())
     return dict(num_drivers=a.drivers, num_shards=a.shards, device=a.device, dtype=a.dtype,
-                placement=placement, name=a.name, threads=a.threads, metrics=not a.no_metrics)
+                placement=placement, name=a.name, threads=a.threads, metrics=not a.no_metrics,
+                driver_resources={"num_cpus": a.cpus_per_rank}, shard_resources={"num_cpus": a.cpus_per_rank})
 
 
 def _tokenizer(checkpoint: Path | None, vocab_size: int):
@@ -66,8 +69,9 @@ def _tokenizer(checkpoint: Path | None, vocab_size: int):
 def _progress(total: int, desc: str):
     from tqdm import tqdm
 
+    # A bar on a terminal; periodic log lines otherwise (job logs, CI), see _train_loop.
     return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0,
-                disable=None if sys.stderr.isatty() else False)
+                disable=not sys.stderr.isatty())
 
 
 def _train_loop(eng, batches, steps: int, log_every: int, desc: str) -> list[dict[str, Any]]:

@@ -448,7 +448,10 @@ class Engine:
         ray = self._ray
         try:
             if graceful and not getattr(self, "_broken", False) and self.ranks:
-                ray.wait([a.shutdown.remote() for a in self.ranks], num_returns=len(self.ranks), timeout=10)
+                waits = [a.shutdown.remote() for a in self.ranks]
+                if self.router is not None:
+                    waits.append(self.router.flush_metrics.remote())
+                ray.wait(waits, num_returns=len(waits), timeout=10)
         except Exception:  # noqa: BLE001 - teardown continues regardless
             pass
         for a in self.ranks + ([self.router] if self.router is not None else []):

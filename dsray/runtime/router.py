@@ -18,7 +18,6 @@ import collections
 import functools
 import json
 import threading
-import time
 from typing import Any
 
 import numpy as np
@@ -66,19 +65,11 @@ class Router:
             from dsray.runtime.metrics import DsrayMetrics
 
             self.metrics = DsrayMetrics(engine, self.moe_layers, n_experts, expert_detail)
-        self._last_report = time.time()
         # The actor serves calls on a few threads (stats() while a step reports): one lock guards state.
         self._lock = threading.RLock()
         if self.metrics is not None:
             # Gauges not set again expire after ~2 export intervals; keep them alive while idle.
-            threading.Thread(target=self._refresh_loop, daemon=True, name="dsray-metrics").start()
-
-    def _refresh_loop(self, interval_s: float = 2.0) -> None:
-        while True:
-            time.sleep(interval_s)
-            if time.time() - self._last_report >= interval_s:
-                with self._lock:
-                    self.metrics.refresh()
+            self.metrics.start_auto_refresh()
 
     @_locked
     def get_bias(self) -> np.ndarray:
@@ -118,7 +109,6 @@ class Router:
             self.metrics.record_step(mode=mode, counts_LE=c, bias_LE=self.bias, maxvio_batch_L=mv_batch,
                                      maxvio_window_L=mv_window, step_seconds=step_seconds, tokens=tokens,
                                      loss=loss, a2a_seconds=a2a)
-        self._last_report = time.time()
         return {"bias": self.bias.copy(), "maxvio_batch": mv_batch, "maxvio_window": mv_window,
                 "step": self.step}
 
@@ -134,10 +124,12 @@ class Router:
                 shard_memory={k: (v["weights"], v["optimizer"]) for k, v in shards.items()})
         return int(placement.get("version", 0))
 
-    @_locked
-    def refresh_metrics(self) -> None:
+    def flush_metrics(self, max_wait_s: float = 3.0) -> None:
+        """Before the engine stops: set the gauges once more and give Ray's exporter time to ship them."""
         if self.metrics is not None:
-            self.metrics.refresh()
+            from dsray.runtime.metrics import report_interval_s
+
+            self.metrics.flush(min(1.5 * report_interval_s(), max_wait_s))
 
     @_locked
     def stats(self) -> dict[str, Any]:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -145,13 +147,15 @@ class RayHead:
     (needed by `ray job submit`). Use as a context manager or call start()/stop()."""
 
     def __init__(self, num_cpus: int = 2, extra_env: dict[str, str] | None = None) -> None:
+        # self.env is also the environment for `ray job ...` clients: RAY_AUTH_MODE=token is what
+        # `ray job submit` needs with token auth on (Ray 2.60's default for a new local cluster).
         self.num_cpus = num_cpus
         # Short path: Ray's unix sockets live under it (108-byte limit).
         self.temp_dir = tempfile.mkdtemp(prefix="dsr", dir="/tmp")
         (self.gcs_port, self.metrics_port, self.dashboard_port, self.agent_http_port, self.agent_grpc_port,
          self.runtime_env_port, self.node_manager_port, self.object_manager_port,
          self.client_port) = free_ports(9)
-        self.env = {**os.environ, **LOOPBACK_ENV, **(extra_env or {})}
+        self.env = {**os.environ, **LOOPBACK_ENV, "RAY_AUTH_MODE": "token", **(extra_env or {})}
         self.proc: subprocess.Popen | None = None
         self.log_path = Path(self.temp_dir) / "ray-start.log"
 
@@ -187,7 +191,10 @@ class RayHead:
         def ready() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ray start exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
-            http_get_json(f"{self.dashboard_url}/api/version", timeout=2)
+            try:  # any HTTP answer means the dashboard is up (401 without the auth token)
+                urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2).close()
+            except urllib.error.HTTPError:
+                pass
             with open(self.sd_file) as f:
                 targets = json.load(f)[0]["targets"]
             return f"127.0.0.1:{self.metrics_port}" in targets
@@ -210,6 +217,25 @@ class RayHead:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+_JOB_INFO = """
+import json, sys
+from ray.job_submission import JobSubmissionClient
+info = JobSubmissionClient(sys.argv[1]).get_job_info(sys.argv[2])
+print(json.dumps({"status": str(info.status.value), "message": info.message,
+                  "start_time": info.start_time, "end_time": info.end_time}))
+"""
+
+
+def job_info(head: RayHead, submission_id: str) -> dict[str, Any]:
+    """Status, message and start/end times (ms) of a job. Runs in a subprocess with head.env:
+    Ray reads RAY_AUTH_MODE once per process, and this process may have imported Ray without it."""
+    out = subprocess.run([sys.executable, "-c", _JOB_INFO, head.dashboard_url, submission_id], env=head.env,
+                         capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise RuntimeError(f"reading job {submission_id} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # ---- Prometheus --------------------------------------------------------------------------------
@@ -332,3 +358,34 @@ def has_finite_sample(result: list[dict[str, Any]]) -> bool:
         if any(math.isfinite(float(v)) for _, v in values):
             return True
     return False
+
+
+# ---- dashboard queries -------------------------------------------------------------------------
+
+_VAR_RE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)")
+
+
+def substitute_vars(expr: str, values: dict[str, str]) -> str:
+    """Replace Grafana variables ($x, ${x}, ${x:fmt}) in `expr`; an unknown variable raises KeyError."""
+
+    def repl(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(2)
+        if name not in values:
+            raise KeyError(f"no value for Grafana variable ${name} in {expr!r}")
+        return values[name]
+
+    return _VAR_RE.sub(repl, expr)
+
+
+def dashboard_targets(dashboard: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(panel title, target) for every target of every panel, rows' nested panels included."""
+    out = []
+
+    def visit(panels: list[dict[str, Any]]) -> None:
+        for p in panels:
+            for t in p.get("targets", []):
+                out.append((p["title"], t))
+            visit(p.get("panels", []))
+
+    visit(dashboard["panels"])
+    return out
