@@ -359,6 +359,50 @@ def test_dashboard_panels_have_data_for_dsray_job(stack) -> None:
                        f"over the job's lifetime ({end - start:.1f} s):\n" + "\n".join(empty))
 
 
+def test_status_and_top_reach_a_running_job_and_job_stop_cleans_up(stack) -> None:
+    """`dsray status` / `dsray top` find the job's Router by name from outside the job; `ray job stop`
+    (SIGTERM to the driver) ends it with every actor gone."""
+    head, _ = stack
+    sid = f"status-{uuid.uuid4().hex[:8]}"
+    name = "status-check"
+    runtime_env = {"excludes": [".git", "/.whl", "/runs", "/checkpoints", "/benchmarks/results"]}
+    submit = ["ray", "job", "submit", "--no-wait", "--address", head.dashboard_url, "--submission-id", sid,
+              "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--", "dsray", "train",
+              "--steps", "100000", "--shards", "2", "--name", name, "--cpus-per-rank", "0.5"]
+    subprocess.run(submit, env=head.env, check=True, capture_output=True, timeout=60)
+    try:
+        status, deadline = None, time.monotonic() + 90
+        while time.monotonic() < deadline:
+            r = subprocess.run(["dsray", "status", "--name", name, "--json", "--address", head.address],
+                               env=head.env, capture_output=True, text=True, timeout=60)
+            if r.returncode == 0:
+                status = json.loads(r.stdout.strip().splitlines()[-1])
+                if status["step"] > 0:
+                    break
+            time.sleep(1.0)
+        assert status and status["engine"] == name and status["step"] > 0, r.stderr[-2000:]
+        assert len(status["bias"]) == 3 and len(status["shards"]) == 2
+        top = subprocess.run(["dsray", "top", "--name", name, "--address", head.address, "--iterations", "2",
+                              "--interval", "0.2"], env=head.env, capture_output=True, text=True, timeout=60)
+        assert top.returncode == 0 and "MaxVio" in top.stdout, top.stderr[-2000:]
+    finally:
+        subprocess.run(["ray", "job", "stop", "--address", head.dashboard_url, sid], env=head.env,
+                       capture_output=True, timeout=60)
+    deadline = time.monotonic() + 60
+    while prom_utils.job_info(head, sid)["status"] not in ("STOPPED", "FAILED", "SUCCEEDED"):
+        assert time.monotonic() < deadline, "job did not stop"
+        time.sleep(1.0)
+    probe = ("import ray, sys, time; ray.init(address=sys.argv[1], log_to_driver=False)\n"
+             "for _ in range(40):\n"
+             "    names = [a['name'] for a in ray.util.list_named_actors(all_namespaces=True) if a['name'].startswith('dsray-')]\n"
+             "    if not names: break\n"
+             "    time.sleep(0.5)\n"
+             "print(names)")
+    left = subprocess.run([sys.executable, "-c", probe, head.address], env=head.env, capture_output=True,
+                          text=True, timeout=60)
+    assert left.stdout.strip().splitlines()[-1] == "[]", left.stdout + left.stderr[-2000:]
+
+
 if __name__ == "__main__":  # Test A's recording driver: python test_metrics_live.py --record ADDRESS RUN
     assert sys.argv[1] == "--record", sys.argv
     record_scenario(sys.argv[2], sys.argv[3])
