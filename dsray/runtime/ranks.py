@@ -111,6 +111,15 @@ class _Rank:
         return torch.optim.AdamW(params, lr=o["lr"], betas=(o["beta1"], o["beta2"]), eps=o["eps"],
                                  weight_decay=o["weight_decay"])
 
+    def _memory(self, params) -> dict[str, int]:
+        """Bytes of weights and of optimizer state (AdamW moments) this rank holds."""
+        w = sum(p.numel() * p.element_size() for p in params)
+        o = 0
+        if self.optimizer is not None:
+            o = sum(t.numel() * t.element_size() for st in self.optimizer.state.values()
+                    for t in st.values() if torch.is_tensor(t))
+        return {"weights": w, "optimizer": o}
+
     def _set_lr(self, lr: float | None) -> None:
         if lr is not None and self.optimizer is not None:
             for g in self.optimizer.param_groups:
@@ -303,12 +312,7 @@ class DriverRank(_Rank):
         return True
 
     def memory(self) -> dict[str, int]:
-        w = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        o = 0
-        if self.optimizer is not None:
-            o = sum(t.numel() * t.element_size() for st in self.optimizer.state.values()
-                    for t in st.values() if torch.is_tensor(t))
-        return {"weights": w, "optimizer": o}
+        return self._memory(self.model.parameters())
 
 
 class ExpertShard(_Rank):
@@ -473,9 +477,4 @@ class ExpertShard(_Rank):
         return True
 
     def memory(self) -> dict[str, int]:
-        w = sum(p.numel() * p.element_size() for p in self.experts.parameters())
-        o = 0
-        if self.optimizer is not None:
-            o = sum(t.numel() * t.element_size() for st in self.optimizer.state.values()
-                    for t in st.values() if torch.is_tensor(t))
-        return {"weights": w, "optimizer": o, "slots": len(self.local)}
+        return {**self._memory(self.experts.parameters()), "slots": len(self.local)}

@@ -13,7 +13,7 @@ from dsray.runtime import Engine
 from runtime_helpers import alive_dsray_actors, reference_grads
 
 
-@pytest.mark.parametrize("drivers,shards", [(1, 1), (2, 2), (1, 3), (2, 4), (2, 3)])
+@pytest.mark.parametrize("drivers,shards", [(1, 0), (1, 1), (2, 2), (1, 3), (2, 4), (2, 3)])
 def test_forward_and_generate_match_hf(local_ray, hf_checkpoint, drivers, shards):
     # 8 experts: uneven splits for 3 shards (3,3,2); grouped routing; YaRN; non-zero bias.
     path, hf = hf_checkpoint(seed=drivers * 10 + shards, rope_parameters=YARN, name=f"c{drivers}{shards}")
