@@ -74,11 +74,16 @@ def _progress(total: int, desc: str):
                 disable=not sys.stderr.isatty())
 
 
-def _train_loop(eng, batches, steps: int, log_every: int, desc: str) -> list[dict[str, Any]]:
+def _train_loop(eng, batches, steps: int, log_every: int, desc: str, rebalance_every: int = 0,
+                replicas: int = 0) -> list[dict[str, Any]]:
     history = []
     bar = _progress(steps, desc)
     try:
         for i in range(steps):
+            if rebalance_every and i and i % rebalance_every == 0 and eng.S > 1:
+                p = eng.rebalance(replicas)
+                hot = sorted(e for e in range(p.n_experts) if len(p.replicas(e)) > 1)
+                print(f"step {i}: placement v{p.version}, replicated experts {hot}", flush=True)
             out = eng.train_step(batches.next_batch())
             history.append(out)
             mv = float(max(out["maxvio_batch"])) if len(out["maxvio_batch"]) else 0.0
@@ -116,7 +121,7 @@ def cmd_train(a: argparse.Namespace, demo: bool = False) -> int:
     with eng:
         print(f"dsray: engine {a.name!r}: {eng.D} driver rank(s) + {eng.S} expert shard(s) on {a.device}, "
               f"{eng.cfg.n_routed_experts} experts x {len(eng.moe_layers)} MoE layers, gamma={a.gamma}", flush=True)
-        hist = _train_loop(eng, batches, a.steps, a.log_every, "train")
+        hist = _train_loop(eng, batches, a.steps, a.log_every, "train", a.rebalance_every, a.replicas)
         if hist:
             k = max(1, len(hist) // 10)
             first = sum(h["loss"] for h in hist[:k]) / k
@@ -232,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--save", help="checkpoint folder to write at the end")
         t.add_argument("--report", help="PNG with the load heatmap and MaxVio curves (needs --save)")
         t.add_argument("--log-every", type=int, default=20, help="log line interval when not on a terminal")
+        t.add_argument("--rebalance-every", type=int, default=0,
+                       help="every N steps, re-place experts by load (EPLB-style replicas of hot experts)")
+        t.add_argument("--replicas", type=int, default=2, help="extra expert slots for --rebalance-every")
         _engine_args(t, drivers, shards)
 
     t = sub.add_parser("train", help="train with expert parallelism")

@@ -70,7 +70,9 @@ def ensure_ray(min_cpus: int = 1) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return False
-    ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False, log_to_driver=True)
+    # Logical CPUs are scheduling tokens; ranks mostly wait in collectives, so the embedded Ray
+    # offers more than the cores (room for Engine.scale to add shards) and each rank uses 1 thread.
+    ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus, 32), include_dashboard=False, log_to_driver=True)
     return True
 
 
@@ -103,6 +105,7 @@ class Engine:
         if not config.has_moe and num_shards:
             raise ValueError("this config has no MoE layers: use num_shards=0")
         self.cfg, self.name = config, name
+        self._strategy = strategy
         self.D, self.S = num_drivers, num_shards
         self.device, self.dtype = device, dtype_name
         self.mtp_weight, self.lr = mtp_weight, lr
@@ -145,6 +148,8 @@ class Engine:
         self.shards: list = []
         self.router = None
         self.pg = None
+        self._shard_res = shard_res
+        self._extra_pgs: list = []
         self._own_ray = ensure_ray(int(sum(b.num_cpus for b in [drv_res] * self.D + shard_res)) + 1)
         atexit.register(self.shutdown)
         try:
@@ -160,24 +165,13 @@ class Engine:
             if not ready:
                 raise RuntimeError(f"placement group {bundles} ({strategy}) not placed within {init_timeout_s}s; "
                                    f"cluster has {ray.available_resources()}")
-            from dsray.runtime.ranks import DriverRank, ExpertShard
-
-            env = {"env_vars": {"NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE", "0")}}
+            self._pg_strategy = PlacementGroupSchedulingStrategy
             for r, spec in enumerate(self._specs):
                 res = drv_res if r < self.D else shard_res[r - self.D]
-                cls = DriverRank if r < self.D else ExpertShard
-                actor = ray.remote(cls).options(
-                    num_cpus=res.num_cpus, num_gpus=res.num_gpus, resources=res.resources or None,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
-                    name=f"dsray-{name}-{'driver' if r < self.D else 'shard'}-{r}", namespace=NAMESPACE,
-                    runtime_env=env, max_restarts=0,
-                ).remote(spec)
-                (self.drivers if r < self.D else self.shards).append(actor)
+                (self.drivers if r < self.D else self.shards).append(self._start_rank(spec, res, self.pg, r))
             self.nodes = self._wait([a.node_info.remote() for a in self.ranks], init_timeout_s, "start ranks")
             if world > 1:
-                addr, port = ray.get(self.drivers[0].master_addr.remote(), timeout=init_timeout_s)
-                self._wait([a.init_process_group.remote(addr, port, step_timeout_s) for a in self.ranks],
-                           init_timeout_s, "init process group")
+                self._init_group()
             stats = self._load_router_state()
             bias = ray.get(self.drivers[0].state_bias.remote(), timeout=init_timeout_s)
             self.router = ray.remote(_router_cls()).options(
@@ -195,6 +189,24 @@ class Engine:
             raise
 
     # ---- construction helpers ----------------------------------------------------------------------
+    def _start_rank(self, spec: RankSpec, res: Resources, pg, bundle: int):
+        from dsray.runtime.ranks import DriverRank, ExpertShard
+
+        driver = spec.rank < self.D
+        env = {"env_vars": {"NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE", "0")}}
+        return self._ray.remote(DriverRank if driver else ExpertShard).options(
+            num_cpus=res.num_cpus, num_gpus=res.num_gpus, resources=res.resources or None,
+            scheduling_strategy=self._pg_strategy(pg, placement_group_bundle_index=bundle),
+            name=f"dsray-{self.name}-{'driver' if driver else 'shard'}-{spec.rank}-{uuid.uuid4().hex[:4]}",
+            namespace=NAMESPACE, runtime_env=env, max_restarts=0,
+        ).remote(spec)
+
+    def _init_group(self, **changes: Any) -> None:
+        """Rank 0 reports (addr, port); every rank joins the world group (bounded wait)."""
+        addr, port = self._ray.get(self.drivers[0].master_addr.remote(), timeout=self.init_timeout_s)
+        self._wait([a.init_process_group.remote(addr, port, self.step_timeout_s, **changes) for a in self.ranks],
+                   self.init_timeout_s, "init process group")
+
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kw: Any) -> "Engine":
         """Load a HF deepseek_v3 folder: drivers read the dense weights, each shard only its experts."""
@@ -380,6 +392,109 @@ class Engine:
         self._ray.get(self.router.report.remote(mode, counts, step_seconds=seconds, tokens=tokens,
                                                 a2a=res[0]["a2a"]), timeout=60)
 
+    # ---- placement changes (step boundaries) -----------------------------------------------------
+    def set_placement(self, placement: Placement | dict | list | str) -> Placement:
+        """Move to a new expert placement between steps: weights and AdamW state move with each expert
+        (replicas get copies), drivers re-route, the Router records the new version. No step is lost
+        or repeated: the next train_step continues from the same state."""
+        self._check()
+        if not self.S:
+            raise ValueError("set_placement needs expert shards (num_shards >= 1)")
+        new = self._placement(placement, list(range(self.D, self.D + self.S)), self.D + self.S)
+        new = Placement(new.n_experts, new.slots, version=max(new.version, self.placement.version + 1))
+        states, step = self._gather_expert_states()
+        self._apply_placement(new, states, step)
+        return new
+
+    def rebalance(self, n_extra_slots: int) -> Placement:
+        """EPLB-style: give the hottest experts (by the Router's moving-average load over all MoE
+        layers) `n_extra_slots` replicas on the least-loaded shards."""
+        stats = self.stats()
+        load = np.asarray(stats["ema_counts"], dtype=np.float64).sum(axis=0)
+        return self.set_placement(self.placement.rebalanced(load.tolist(), n_extra_slots))
+
+    def scale(self, num_shards: int, placement: str | dict | list = "linear") -> Placement:
+        """Change the number of expert shards while the engine runs: new shard actors start (their own
+        placement group), removed ones stop, every rank joins a new process group, and experts with
+        their optimizer state are redistributed by `placement` over the new shards."""
+        self._check()
+        if num_shards < 1 or not self.S:
+            raise ValueError(f"scale: num_shards={num_shards}; scaling needs >= 1 shard before and after")
+        if num_shards == self.S:
+            return self.placement
+        ray = self._ray
+        from ray.util.placement_group import placement_group
+
+        states, step = self._gather_expert_states()
+        # Leave the old group everywhere (no collective is in flight between steps).
+        self._wait([a.shutdown.remote() for a in self.ranks], self.step_timeout_s, "leave process group")
+        old_S, world = self.S, self.D + num_shards
+        new = self._placement(placement, list(range(self.D, world)), world)
+        new = Placement(new.n_experts, new.slots, version=self.placement.version + 1)
+        if num_shards < old_S:
+            for a in self.shards[num_shards:]:
+                ray.kill(a, no_restart=True)
+            self.shards = self.shards[:num_shards]
+            self.nodes = self.nodes[:world]
+            self._specs = self._specs[:world]
+        else:
+            res = self._shard_res[-1]
+            bundles = [res.bundle()] * (num_shards - old_S)
+            pg = placement_group(bundles, strategy=self._strategy)
+            self._extra_pgs.append(pg)
+            ready, _ = ray.wait([pg.ready()], timeout=self.init_timeout_s)
+            if not ready:
+                self._broken = True
+                raise RuntimeError(f"scale: {len(bundles)} more shard bundle(s) {bundles[0]} not placed within "
+                                   f"{self.init_timeout_s:.0f}s; cluster has {ray.available_resources()}")
+            base = self._specs[-1]
+            for i, r in enumerate(range(self.D + old_S, world)):
+                spec = RankSpec(**{**base.__dict__, "rank": r, "n_shards": num_shards,
+                                   "placement": new.to_dict(), "load_experts": False})
+                self._specs.append(spec)
+                self.shards.append(self._start_rank(spec, res, pg, i))
+            self.nodes += self._wait([a.node_info.remote() for a in self.shards[old_S:]], self.init_timeout_s,
+                                     "start new shards")
+        self.S = num_shards
+        for spec in self._specs:
+            spec.n_shards = num_shards
+        self._shard_res = (self._shard_res + [self._shard_res[-1]] * num_shards)[:num_shards]
+        self._init_group(n_shards=num_shards, placement=new.to_dict())
+        self._apply_placement(new, states, step)
+        return new
+
+    def _gather_expert_states(self) -> tuple[dict[str, torch.Tensor], int]:
+        # Between steps, through the object store: this is the rare control path, not the token path.
+        parts = self._wait([s.export_state.remote() for s in self.shards], self.step_timeout_s, "export experts")
+        states: dict[str, torch.Tensor] = {}
+        for p in parts:
+            for k, v in p["weights"].items():
+                states.setdefault(k, v)
+            for k, v in p["optim"].items():
+                states.setdefault(k, v)
+        return states, max(p["optim_step"] for p in parts)
+
+    def _apply_placement(self, new: Placement, states: dict[str, torch.Tensor], step: int) -> None:
+        from dsray.model.hf import EXPERT_PROJS, expert_key
+
+        futs = []
+        for j, shard in enumerate(self.shards):
+            mine = {}
+            for layer in self.moe_layers:
+                for e in new.local_experts(self.D + j):
+                    for proj in EXPERT_PROJS:
+                        k = expert_key(layer, e, proj)
+                        for key in (k, f"{k}.exp_avg", f"{k}.exp_avg_sq"):
+                            if key in states:
+                                mine[key] = states[key]
+            futs.append(shard.reconfigure.remote(new.to_dict(), mine, step))
+        futs += [d.set_placement.remote(new.to_dict()) for d in self.drivers]
+        self._wait(futs, self.step_timeout_s, f"placement v{new.version}")
+        self.placement = new
+        for spec in self._specs:
+            spec.placement = new.to_dict()
+        self._report_placement()
+
     # ---- state --------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         self._check()
@@ -459,9 +574,11 @@ class Engine:
                 ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001
                 pass
-        if self.pg is not None:
+        for pg in [self.pg, *getattr(self, "_extra_pgs", [])]:
+            if pg is None:
+                continue
             try:
-                self._remove_pg(self.pg)
+                self._remove_pg(pg)
             except Exception:  # noqa: BLE001
                 pass
         try:

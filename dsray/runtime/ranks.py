@@ -43,6 +43,7 @@ class RankSpec:
     device: str = "cpu"
     expert_impl: str = "grouped"
     threads: int = 1
+    load_experts: bool = True  # False: a shard added by Engine.scale, filled by reconfigure()
     optim: dict[str, float] = field(default_factory=lambda: {"lr": 1e-3, "beta1": 0.9, "beta2": 0.95,
                                                                "weight_decay": 0.1, "eps": 1e-8})
 
@@ -81,7 +82,14 @@ class _Rank:
             s.bind((ip, 0))
             return ip, s.getsockname()[1]
 
-    def init_process_group(self, addr: str, port: int, timeout_s: float) -> bool:
+    def init_process_group(self, addr: str, port: int, timeout_s: float, n_shards: int | None = None,
+                           placement: dict[str, Any] | None = None) -> bool:
+        """Join the world group (and the driver / shard subgroups). Scaling calls it again with the
+        new shard count and placement after `shutdown()` left the old group."""
+        if n_shards is not None:
+            self.spec.n_shards = n_shards
+        if placement is not None:
+            self.spec.placement = placement
         backend = "nccl" if self.spec.device == "cuda" else "gloo"
         if addr.startswith("127."):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -104,6 +112,7 @@ class _Rank:
     def shutdown(self) -> bool:
         if dist.is_initialized():
             dist.destroy_process_group()
+        self.world = self.drivers_group = self.shards_group = None
         return True
 
     def _optim(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -152,6 +161,12 @@ class DriverRank(_Rank):
         self.dispatcher = AllToAllDispatcher(placement, self.world)
         for layer, moe in zip(self.cfg.moe_layers, self.model.moe_modules()):
             moe.routed = EPRouted(self.dispatcher, None, layer, self.timer)
+
+    def set_placement(self, placement: dict[str, Any]) -> int:
+        """A new placement at a step boundary: drivers only re-route (they host no experts)."""
+        self.spec.placement = placement
+        self._after_group()
+        return int(placement.get("version", 0))
 
     def _distributed(self) -> bool:
         return self.world is not None
@@ -320,18 +335,41 @@ class ExpertShard(_Rank):
 
     def __init__(self, spec: RankSpec) -> None:
         super().__init__(spec)
-        placement = Placement.from_dict(spec.placement)
-        self.local = placement.local_experts(spec.rank)
         cfg = self.cfg
         self.layers = [layer for layer in cfg.moe_layers
                        if spec.has_mtp or layer < cfg.num_hidden_layers]
-        self.experts = torch.nn.ModuleList(
-            RoutedExperts(len(self.local), cfg.hidden_size, cfg.moe_intermediate_size, spec.expert_impl)
-            for _ in self.layers).to(self.device)
-        self._load()
+        self._build_slots()
+        if spec.load_experts:
+            self._load()
         self.step_done = -1
         self.last_result: dict[str, Any] | None = None
         self.passes = 0
+
+    def _build_slots(self) -> None:
+        """One stacked RoutedExperts per MoE layer for the experts the placement gives this rank."""
+        cfg, spec = self.cfg, self.spec
+        self.local = Placement.from_dict(spec.placement).local_experts(spec.rank)
+        self.experts = torch.nn.ModuleList(
+            RoutedExperts(len(self.local), cfg.hidden_size, cfg.moe_intermediate_size, spec.expert_impl)
+            for _ in self.layers).to(self.device, self.dtype)
+
+    def reconfigure(self, placement: dict[str, Any], states: dict[str, torch.Tensor], optim_step: int) -> dict:
+        """Adopt a new placement at a step boundary. `states` holds, under checkpoint keys, the weights
+        (and AdamW moments as `<key>.exp_avg` / `<key>.exp_avg_sq`, when training has begun) of every
+        expert this rank hosts under the new placement: weights and optimizer state move with the expert."""
+        self.spec.placement = placement
+        self._build_slots()
+        need = len(self.layers) * len(self.local) * 3
+        got = self.import_state(states)
+        if got != need:
+            raise RuntimeError(f"shard rank {self.spec.rank}: placement v{placement.get('version')} needs {need} "
+                               f"expert tensors, received {got}")
+        self.optimizer = None
+        if any(k.endswith(".exp_avg") for k in states):
+            self.import_optimizer(states, optim_step)
+        if self.world is not None:
+            self._after_group()
+        return self.memory()
 
     def _load(self) -> None:
         """Straight from the checkpoint folder (only this shard's experts are read) or deterministic init."""
