@@ -37,3 +37,8 @@ def test_train_generate_and_read_stats(tmp_path):
     assert gen.count("greedy :") == 2 and gen.count("sampled:") == 2
     stats = run("router_stats.py", "--file", "runs/example/checkpoint", cwd=tmp_path)
     assert "engine example" in stats and "MaxVio" in stats
+
+
+def test_scale_experts(tmp_path):
+    out = run("scale_experts.py", cwd=tmp_path)
+    assert "scaled to 4 shards" in out and "experts per shard [4, 4, 4, 4]" in out and "step 80" in out
