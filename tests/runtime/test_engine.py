@@ -146,3 +146,30 @@ def test_dead_shard_is_reported(local_ray):
     finally:
         eng.shutdown()
     assert not alive_dsray_actors()
+
+
+def test_fp8_checkpoint_loads_into_shards(local_ray, hf_checkpoint):
+    """Official-style FP8 weights (e4m3 + weight_scale_inv): shards dequantize their own experts."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from dsray.checkpoint import quantize_fp8_blockwise
+
+    path, _ = hf_checkpoint(seed=11, name="fp8")
+    state = load_file(path / "model.safetensors")
+    out = {}
+    for k, v in state.items():
+        if v.ndim == 2 and (k.endswith("proj.weight") or "proj_with_mqa" in k):
+            out[k], out[k.removesuffix(".weight") + ".weight_scale_inv"] = quantize_fp8_blockwise(v)
+        else:
+            out[k] = v
+    save_file(out, path / "model.safetensors", metadata={"format": "pt"})
+    conf = json.loads((path / "config.json").read_text())
+    conf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (path / "config.json").write_text(json.dumps(conf))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = Transformer.from_pretrained(path)(ids)
+    with Engine.from_pretrained(path, num_drivers=1, num_shards=2, metrics=False, name="fp8") as eng:
+        assert_close(eng.forward(ids), want, 1e-5, "FP8 checkpoint over 2 shards")
