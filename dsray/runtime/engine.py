@@ -81,7 +81,8 @@ class Engine:
                  num_drivers: int = 1, num_shards: int = 1, device: str = "cpu", dtype: str | torch.dtype = "float32",
                  placement: str | Placement | dict | list = "linear", name: str = "dsray", gamma: float = 1e-3,
                  lr: float = 1e-3, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
-                 mtp_weight: float = 0.3, expert_impl: str = "grouped", threads: int = 1,
+                 mtp_weight: float = 0.3, clip_grad_norm: float = 0.0, expert_impl: str = "grouped",
+                 threads: int = 1,
                  driver_resources: Resources | dict | None = None,
                  shard_resources: Resources | dict | list | None = None, strategy: str = "PACK",
                  step_timeout_s: float = 600.0, init_timeout_s: float = 300.0, metrics: bool = True,
@@ -129,7 +130,10 @@ class Engine:
             shard_res = [_as_resources(r, device) for r in shard_resources]
         else:
             shard_res = [_as_resources(shard_resources, device)] * self.S
-        optim = {"lr": lr, "beta1": betas[0], "beta2": betas[1], "weight_decay": weight_decay, "eps": 1e-8}
+        if clip_grad_norm < 0:
+            raise ValueError(f"clip_grad_norm={clip_grad_norm}: expected >= 0 (0 disables)")
+        optim = {"lr": lr, "beta1": betas[0], "beta2": betas[1], "weight_decay": weight_decay, "eps": 1e-8,
+                 "clip_grad_norm": clip_grad_norm}
         conf = config.to_dict()
         self._specs = [RankSpec(rank=r, n_drivers=self.D, n_shards=self.S, config=conf,
                                 placement=self.placement.to_dict() if self.placement else None,
@@ -345,6 +349,7 @@ class Engine:
         self._bias = rep["bias"]
         self._step = rep["step"]
         return {"step": self._step, "loss": loss, "mtp_loss": mtp, "counts": counts,
+                "grad_norm": drv[0]["grad_norm"] or None,
                 "maxvio_batch": rep["maxvio_batch"], "maxvio_window": rep["maxvio_window"],
                 "step_time_s": seconds, "tokens_per_s": ids.numel() / seconds,
                 "shard_memory": [r for r in res[self.D:]]}

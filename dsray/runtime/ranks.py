@@ -45,7 +45,8 @@ class RankSpec:
     threads: int = 1
     load_experts: bool = True  # False: a shard added by Engine.scale, filled by reconfigure()
     optim: dict[str, float] = field(default_factory=lambda: {"lr": 1e-3, "beta1": 0.9, "beta2": 0.95,
-                                                               "weight_decay": 0.1, "eps": 1e-8})
+                                                               "weight_decay": 0.1, "eps": 1e-8,
+                                                               "clip_grad_norm": 0.0})
 
     @property
     def world_size(self) -> int:
@@ -129,6 +130,41 @@ class _Rank:
                     for t in st.values() if torch.is_tensor(t))
         return {"weights": w, "optimizer": o}
 
+    def _clip_grads(self, params: list[torch.nn.Parameter], weights: list[float] | None = None) -> float:
+        """Global-norm clipping across every rank: each rank adds its share of the squared norm (dense
+        grads counted once, on driver 0; a replicated expert counted once over its copies), one world
+        all-reduce, then every rank scales by the same coefficient. Returns the global norm."""
+        max_norm = float(self.spec.optim.get("clip_grad_norm", 0.0))
+        if max_norm <= 0:
+            return 0.0
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, p in enumerate(params):
+            if p.grad is not None:
+                sq += p.grad.double().pow(2).sum() * (1.0 if weights is None else weights[i])
+        if self.world is not None:
+            dist.all_reduce(sq, group=self.world)
+        norm = float(sq.sqrt())  # host sync
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        return norm
+
+    def _clip_grads_weighted(self, params: list[torch.nn.Parameter], weights: list[torch.Tensor]) -> float:
+        """`_clip_grads` for stacked expert tensors whose slots carry different weights."""
+        max_norm = float(self.spec.optim["clip_grad_norm"])
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p, w in zip(params, weights):
+            sq += (p.grad.double().pow(2) * w).sum()
+        dist.all_reduce(sq, group=self.world)
+        norm = float(sq.sqrt())  # host sync
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0:
+            for p in params:
+                p.grad.mul_(coef)
+        return norm
+
     def _set_lr(self, lr: float | None) -> None:
         if lr is not None and self.optimizer is not None:
             for g in self.optimizer.param_groups:
@@ -200,12 +236,16 @@ class DriverRank(_Rank):
         out["total"].backward()
         if self._distributed() and self.spec.n_drivers > 1:
             self._allreduce_dense_grads()
+        params = [p for p in model.parameters() if p.requires_grad]
+        # Dense grads are identical on every driver after the all-reduce: count them on driver 0 only.
+        grad_norm = self._clip_grads(params, None if self.spec.rank == 0 else [0.0] * len(params))
         self.optimizer.step()
         counts = model.pop_expert_counts().cpu().numpy()
         self.step_done = step
         self.last_result = {
             "loss": out["loss"].item(), "mtp_loss": out["mtp_loss"].item() if "mtp_loss" in out else None,
             "counts": counts, "a2a": self.timer.pop(), "seconds": time.perf_counter() - t0,
+            "grad_norm": grad_norm,
         }
         return self.last_result
 
@@ -412,6 +452,16 @@ class ExpertShard(_Rank):
             if p.grad is None:  # no rows reached this layer's slots: a zero grad, so AdamW state stays aligned
                 p.grad = torch.zeros_like(p)
         self._sum_replica_grads()
+        if float(self.spec.optim.get("clip_grad_norm", 0.0)) > 0:
+            # A replicated expert's grad sits (identically) on each copy: weigh each slot 1 / copies.
+            n_rep = self.placement.n_replicas
+            w = 1.0 / n_rep[list(self.local)].double() if self.local else torch.zeros(0)
+            params, weights = [], []
+            for mod in self.experts:
+                for p in (mod.gate_proj, mod.up_proj, mod.down_proj):
+                    params.append(p)
+                    weights.append(w.view(-1, *([1] * (p.dim() - 1))).to(p.device))
+            self._clip_grads_weighted(params, weights)
         self.optimizer.step()
         self.step_done = step
         self.last_result = {"seconds": time.perf_counter() - t0, **self.memory()}

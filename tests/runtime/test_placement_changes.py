@@ -56,3 +56,32 @@ def test_rebalance_and_scale_while_training(local_ray):
         assert stats["placement_version"] == 4 and stats["step"] == 5
     np.testing.assert_allclose(got, want, rtol=1e-5)
     assert not alive_dsray_actors()
+
+
+def test_global_grad_norm_clipping_matches_single_process(local_ray):
+    """Clipping by the global norm over drivers and shards, replicas counted once."""
+    cfg = preset("debug")
+    batches = [torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(10 + k)) for k in range(3)]
+    model = Transformer.from_config(cfg, seed=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    want_loss, want_norm = [], []
+    for ids in batches:
+        out = model.loss(ids)
+        opt.zero_grad()
+        out["total"].backward()
+        want_norm.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)))
+        opt.step()
+        model.pop_expert_counts()
+        want_loss.append(out["loss"].item())
+    got_loss, got_norm = [], []
+    with Engine.from_config(cfg, seed=3, num_drivers=2, num_shards=2, gamma=0.0, lr=LR, clip_grad_norm=0.05,
+                            metrics=False, name="clip") as eng:
+        for i, ids in enumerate(batches):
+            if i == 1:
+                eng.rebalance(3)  # replicas must not be counted twice in the norm
+            out = eng.train_step(ids)
+            got_loss.append(out["loss"])
+            got_norm.append(out["grad_norm"])
+    assert want_norm[0] > 0.05  # clipping really happened
+    np.testing.assert_allclose(got_norm, want_norm, rtol=1e-5)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
