@@ -196,7 +196,7 @@ def dashboard() -> dict[str, Any]:
             {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
              "current": {}, "hide": 0, "refresh": 1, "regex": "", "options": []},
             variable("SessionName", "Ray session", "label_values(ray_dsray_steps_total, SessionName)"),
-            variable("engine", "Engine", f'label_values(ray_dsray_steps_total{{SessionName=~"$SessionName"}}, engine)'),
+            variable("engine", "Engine", 'label_values(ray_dsray_steps_total{SessionName=~"$SessionName"}, engine)'),
             variable("layer", "MoE layer", f"label_values({sel('ray_dsray_maxvio_batch')}, layer)"),
         ]},
         "panels": layout(throughput_panels() + load_panels() + a2a_panels() + placement_panels()),

@@ -46,3 +46,25 @@ def make_hf_model(seed: int = 0, bias_scale: float = 0.05, **overrides):
     return model
 
 
+
+
+def quantize_checkpoint_fp8(path) -> None:
+    """Rewrite a single-file HF folder the way official V3 checkpoints store weights: 2-D projection
+    weights as float8_e4m3 with a `weight_scale_inv` per 128x128 block (norms, embeddings, gate, head stay)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from dsray.checkpoint import quantize_fp8_blockwise
+
+    state = load_file(path / "model.safetensors")
+    out = {}
+    for k, v in state.items():
+        if v.ndim == 2 and (k.endswith("proj.weight") or "proj_with_mqa" in k):
+            out[k], out[k.removesuffix(".weight") + ".weight_scale_inv"] = quantize_fp8_blockwise(v)
+        else:
+            out[k] = v
+    save_file(out, path / "model.safetensors", metadata={"format": "pt"})
+    conf = json.loads((path / "config.json").read_text())
+    conf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (path / "config.json").write_text(json.dumps(conf))

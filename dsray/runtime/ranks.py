@@ -130,17 +130,18 @@ class _Rank:
                     for t in st.values() if torch.is_tensor(t))
         return {"weights": w, "optimizer": o}
 
-    def _clip_grads(self, params: list[torch.nn.Parameter], weights: list[float] | None = None) -> float:
-        """Global-norm clipping across every rank: each rank adds its share of the squared norm (dense
-        grads counted once, on driver 0; a replicated expert counted once over its copies), one world
-        all-reduce, then every rank scales by the same coefficient. Returns the global norm."""
+    def _clip_grads(self, params: list[torch.nn.Parameter], weights: list[float | torch.Tensor]) -> float:
+        """Global-norm clipping across every rank: each rank adds its share of the squared norm, one
+        world all-reduce, then every rank scales by the same coefficient. `weights` (one per param, a
+        scalar or a per-slot tensor) make each gradient count once: dense grads only on driver 0, a
+        replicated expert 1/copies on each copy. Returns the global norm (0.0 when clipping is off)."""
         max_norm = float(self.spec.optim.get("clip_grad_norm", 0.0))
         if max_norm <= 0:
             return 0.0
         sq = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i, p in enumerate(params):
+        for p, w in zip(params, weights):
             if p.grad is not None:
-                sq += p.grad.double().pow(2).sum() * (1.0 if weights is None else weights[i])
+                sq += (p.grad.double().pow(2) * w).sum()
         if self.world is not None:
             dist.all_reduce(sq, group=self.world)
         norm = float(sq.sqrt())  # host sync
@@ -149,20 +150,6 @@ class _Rank:
             for p in params:
                 if p.grad is not None:
                     p.grad.mul_(coef)
-        return norm
-
-    def _clip_grads_weighted(self, params: list[torch.nn.Parameter], weights: list[torch.Tensor]) -> float:
-        """`_clip_grads` for stacked expert tensors whose slots carry different weights."""
-        max_norm = float(self.spec.optim["clip_grad_norm"])
-        sq = torch.zeros((), dtype=torch.float64, device=self.device)
-        for p, w in zip(params, weights):
-            sq += (p.grad.double().pow(2) * w).sum()
-        dist.all_reduce(sq, group=self.world)
-        norm = float(sq.sqrt())  # host sync
-        coef = max_norm / (norm + 1e-6)
-        if coef < 1.0:
-            for p in params:
-                p.grad.mul_(coef)
         return norm
 
     def _set_lr(self, lr: float | None) -> None:
@@ -238,7 +225,7 @@ class DriverRank(_Rank):
             self._allreduce_dense_grads()
         params = [p for p in model.parameters() if p.requires_grad]
         # Dense grads are identical on every driver after the all-reduce: count them on driver 0 only.
-        grad_norm = self._clip_grads(params, None if self.spec.rank == 0 else [0.0] * len(params))
+        grad_norm = self._clip_grads(params, [1.0 if self.spec.rank == 0 else 0.0] * len(params))
         self.optimizer.step()
         counts = model.pop_expert_counts().cpu().numpy()
         self.step_done = step
@@ -452,16 +439,10 @@ class ExpertShard(_Rank):
             if p.grad is None:  # no rows reached this layer's slots: a zero grad, so AdamW state stays aligned
                 p.grad = torch.zeros_like(p)
         self._sum_replica_grads()
-        if float(self.spec.optim.get("clip_grad_norm", 0.0)) > 0:
-            # A replicated expert's grad sits (identically) on each copy: weigh each slot 1 / copies.
-            n_rep = self.placement.n_replicas
-            w = 1.0 / n_rep[list(self.local)].double() if self.local else torch.zeros(0)
-            params, weights = [], []
-            for mod in self.experts:
-                for p in (mod.gate_proj, mod.up_proj, mod.down_proj):
-                    params.append(p)
-                    weights.append(w.view(-1, *([1] * (p.dim() - 1))).to(p.device))
-            self._clip_grads_weighted(params, weights)
+        # A replicated expert's grad sits (identically) on each copy: weigh each slot 1 / copies.
+        per_slot = 1.0 / self.placement.n_replicas[list(self.local)].double().to(self.device)
+        params = [p for mod in self.experts for p in (mod.gate_proj, mod.up_proj, mod.down_proj)]
+        self._clip_grads(params, [per_slot.view(-1, 1, 1)] * len(params))
         self.optimizer.step()
         self.step_done = step
         self.last_result = {"seconds": time.perf_counter() - t0, **self.memory()}

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import assert_close
-from dsray.checkpoint import CheckpointError, quantize_fp8_blockwise
+from helpers import assert_close, quantize_checkpoint_fp8
+from dsray.checkpoint import CheckpointError
 from dsray.model import Transformer
 
 
@@ -73,20 +73,7 @@ def test_missing_folder(tmp_path):
 def test_fp8_checkpoint_dequantized(hf_checkpoint):
     path, hf = hf_checkpoint(seed=5)
     ref_model = Transformer.from_pretrained(path)
-    state = load_file(path / "model.safetensors")
-    quantized = {}
-    for k, v in state.items():
-        # The official checkpoint quantizes the 2-D projection weights, not norms, embeddings, gate or head.
-        if v.ndim == 2 and k.endswith("proj.weight") or "proj_with_mqa" in k:
-            q, s = quantize_fp8_blockwise(v)
-            quantized[k] = q
-            quantized[k.removesuffix(".weight") + ".weight_scale_inv"] = s
-        else:
-            quantized[k] = v
-    save_file(quantized, path / "model.safetensors", metadata={"format": "pt"})
-    conf = json.loads((path / "config.json").read_text())
-    conf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
-    (path / "config.json").write_text(json.dumps(conf))
+    quantize_checkpoint_fp8(path)
     fp8 = Transformer.from_pretrained(path)
     w_ref = ref_model.model.layers[1].mlp.experts.gate_proj
     w_fp8 = fp8.model.layers[1].mlp.experts.gate_proj

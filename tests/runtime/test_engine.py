@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import YARN, assert_close
+from helpers import YARN, assert_close, quantize_checkpoint_fp8
 from dsray.config import preset
 from dsray.model import Transformer
 from dsray.runtime import Engine
@@ -150,24 +150,8 @@ def test_dead_shard_is_reported(local_ray):
 
 def test_fp8_checkpoint_loads_into_shards(local_ray, hf_checkpoint):
     """Official-style FP8 weights (e4m3 + weight_scale_inv): shards dequantize their own experts."""
-    import json
-
-    from safetensors.torch import load_file, save_file
-
-    from dsray.checkpoint import quantize_fp8_blockwise
-
     path, _ = hf_checkpoint(seed=11, name="fp8")
-    state = load_file(path / "model.safetensors")
-    out = {}
-    for k, v in state.items():
-        if v.ndim == 2 and (k.endswith("proj.weight") or "proj_with_mqa" in k):
-            out[k], out[k.removesuffix(".weight") + ".weight_scale_inv"] = quantize_fp8_blockwise(v)
-        else:
-            out[k] = v
-    save_file(out, path / "model.safetensors", metadata={"format": "pt"})
-    conf = json.loads((path / "config.json").read_text())
-    conf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
-    (path / "config.json").write_text(json.dumps(conf))
+    quantize_checkpoint_fp8(path)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = Transformer.from_pretrained(path)(ids)
