@@ -113,7 +113,7 @@ def cmd_train(a: argparse.Namespace, demo: bool = False) -> int:
     data = Path(a.data) if a.data else default_corpus_path()
     batches = TextBatches(data, seq_len=a.seq_len, batch_size=a.batch_size, seed=a.seed)
     kw = _engine_kw(a)
-    kw.update(gamma=a.gamma, lr=a.lr, clip_grad_norm=a.clip_grad)
+    kw.update(gamma=a.gamma, lr=a.lr, clip_grad_norm=a.clip_grad, seq_aux_alpha=a.seq_aux_alpha)
     if a.checkpoint:
         eng = Engine.from_pretrained(a.checkpoint, **kw)
     else:
@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--lr", type=float, default=3e-3)
         t.add_argument("--gamma", type=float, default=1e-3, help="bias update speed (0 disables balancing)")
         t.add_argument("--clip-grad", type=float, default=1.0, help="global grad-norm clip over all ranks (0: off)")
+        t.add_argument("--seq-aux-alpha", type=float, default=0.0,
+                       help="sequence-wise balance loss weight (DeepSeek-V3: 1e-4; 0: off)")
         t.add_argument("--seed", type=int, default=0)
         t.add_argument("--save", help="checkpoint folder to write at the end")
         t.add_argument("--report", help="PNG with the load heatmap and MaxVio curves (needs --save)")

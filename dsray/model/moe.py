@@ -44,7 +44,8 @@ class Gate(nn.Module):
         # Buffer, not parameter: it is never trained by gradients, only nudged by the balancing rule.
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
-    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x_TD: torch.Tensor, return_scores: bool = False):
+        """(weights_TK, ids_TK), plus the unbiased scores_TE when asked (the balance loss needs them)."""
         cfg = self.cfg
         T, E, G, K = x_TD.shape[0], cfg.n_routed_experts, cfg.n_group, cfg.num_experts_per_tok
         logits_TE = F.linear(x_TD.float(), self.weight.float())
@@ -65,6 +66,8 @@ class Gate(nn.Module):
         weights_TK = scores_TE.gather(1, ids_TK)
         if cfg.norm_topk_prob and K > 1:
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        if return_scores:
+            return weights_TK * cfg.routed_scaling_factor, ids_TK, scores_TE
         return weights_TK * cfg.routed_scaling_factor, ids_TK
 
 
@@ -151,11 +154,20 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts else None)
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.routed: RoutedFn | None = None  # None: run self.experts in this process
+        # DeepSeek-V3's complementary sequence-wise balance loss (alpha 0: off). Set by Transformer.loss;
+        # the per-sequence terms of the last forward land in `balance_loss_B`.
+        self.seq_aux_alpha = 0.0
+        self.balance_loss_B: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
-        weights_TK, ids_TK = self.gate(x_TD)
+        if self.seq_aux_alpha > 0 and torch.is_grad_enabled() and len(shape) == 3:
+            weights_TK, ids_TK, scores_TE = self.gate(x_TD, return_scores=True)
+            self.balance_loss_B = self.seq_balance_loss(scores_TE, ids_TK, shape[0])
+        else:
+            weights_TK, ids_TK = self.gate(x_TD)
+            self.balance_loss_B = None
         with torch.no_grad():
             self.tokens_per_expert += torch.bincount(ids_TK.flatten(), minlength=self.cfg.n_routed_experts)
         routed = self.routed or self.local_routed
@@ -163,6 +175,18 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         return y_TD.view(shape)
+
+    def seq_balance_loss(self, scores_TE: torch.Tensor, ids_TK: torch.Tensor, B: int) -> torch.Tensor:
+        """alpha * sum_i f_i * P_i per sequence (DeepSeek-V3 eq. 17-20): f_i = E/(K*S) * #tokens of the
+        sequence routed to i (a constant), P_i = mean over the sequence of normalised scores s_i/sum_j s_j."""
+        E, K = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
+        S = scores_TE.shape[0] // B
+        with torch.no_grad():
+            hits_BE = torch.zeros(B, E, device=ids_TK.device).scatter_add_(
+                1, ids_TK.reshape(B, S * K), torch.ones(B, S * K, device=ids_TK.device))
+            f_BE = hits_BE * (E / (K * S))
+        p_BE = (scores_TE / scores_TE.sum(dim=-1, keepdim=True)).view(B, S, E).mean(dim=1)
+        return self.seq_aux_alpha * (f_BE * p_BE).sum(dim=-1)
 
     def local_routed(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
         T, K = ids_TK.shape

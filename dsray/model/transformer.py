@@ -189,10 +189,27 @@ class Transformer(nn.Module):
             out.append(self.lm_head(block.shared_head.norm(h)))
         return out
 
-    def loss(self, input_ids_BS: torch.Tensor, mtp_weight: float = 0.3,
-             n_tokens: int | None = None) -> dict[str, torch.Tensor]:
-        """Next-token cross entropy (+ MTP). Sums divided by `n_tokens` (default: this batch's targets),
-        so data-parallel ranks can pass the global count and simply add gradients."""
+    def loss(self, input_ids_BS: torch.Tensor, mtp_weight: float = 0.3, n_tokens: int | None = None,
+             seq_aux_alpha: float = 0.0, n_sequences: int | None = None) -> dict[str, torch.Tensor]:
+        """Next-token cross entropy (+ MTP, + the sequence-wise balance loss when seq_aux_alpha > 0).
+        Sums are divided by `n_tokens` / `n_sequences` (default: this batch's), so data-parallel ranks
+        can pass the global counts and simply add gradients."""
+        moes = self.moe_modules()
+        for m in moes:
+            m.seq_aux_alpha = seq_aux_alpha
+        try:
+            out = self._loss(input_ids_BS, mtp_weight, n_tokens)
+        finally:
+            for m in moes:
+                m.seq_aux_alpha = 0.0
+        if seq_aux_alpha > 0 and moes:
+            per_seq = [m.balance_loss_B for m in moes if m.balance_loss_B is not None]
+            n_seq = n_sequences if n_sequences is not None else input_ids_BS.shape[0]
+            out["balance_loss"] = torch.stack([b.sum() for b in per_seq]).sum() / n_seq
+            out["total"] = out["total"] + out["balance_loss"]
+        return out
+
+    def _loss(self, input_ids_BS: torch.Tensor, mtp_weight: float, n_tokens: int | None) -> dict[str, torch.Tensor]:
         _, h = self.hidden(input_ids_BS)
         logits = self.lm_head(h)
         V = logits.shape[-1]

@@ -81,7 +81,8 @@ class Engine:
                  num_drivers: int = 1, num_shards: int = 1, device: str = "cpu", dtype: str | torch.dtype = "float32",
                  placement: str | Placement | dict | list = "linear", name: str = "dsray", gamma: float = 1e-3,
                  lr: float = 1e-3, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
-                 mtp_weight: float = 0.3, clip_grad_norm: float = 0.0, expert_impl: str = "grouped",
+                 mtp_weight: float = 0.3, clip_grad_norm: float = 0.0, seq_aux_alpha: float = 0.0,
+                 expert_impl: str = "grouped",
                  threads: int = 1,
                  driver_resources: Resources | dict | None = None,
                  shard_resources: Resources | dict | list | None = None, strategy: str = "PACK",
@@ -130,6 +131,9 @@ class Engine:
             shard_res = [_as_resources(r, device) for r in shard_resources]
         else:
             shard_res = [_as_resources(shard_resources, device)] * self.S
+        if seq_aux_alpha < 0:
+            raise ValueError(f"seq_aux_alpha={seq_aux_alpha}: expected >= 0 (DeepSeek-V3 used 1e-4; 0 disables)")
+        self.seq_aux_alpha = seq_aux_alpha
         if clip_grad_norm < 0:
             raise ValueError(f"clip_grad_norm={clip_grad_norm}: expected >= 0 (0 disables)")
         optim = {"lr": lr, "beta1": betas[0], "beta2": betas[1], "weight_decay": weight_decay, "eps": 1e-8,
@@ -334,8 +338,8 @@ class Engine:
         n_tokens = ids.shape[0] * (ids.shape[1] - 1)
         step = self._step
         lr = self.lr if lr is None else lr
-        futs = [d.train_step.remote(step, part, self._bias, n_tokens, lr, self.mtp_weight)
-                for d, part in zip(self.drivers, self._split(ids))]
+        futs = [d.train_step.remote(step, part, self._bias, n_tokens, lr, self.mtp_weight, self.seq_aux_alpha,
+                                    ids.shape[0]) for d, part in zip(self.drivers, self._split(ids))]
         futs += [s.train_step.remote(step, lr) for s in self.shards]
         res = self._wait(futs, self.step_timeout_s, f"train step {step}")
         drv = res[:self.D]
@@ -350,6 +354,8 @@ class Engine:
         self._step = rep["step"]
         return {"step": self._step, "loss": loss, "mtp_loss": mtp, "counts": counts,
                 "grad_norm": drv[0]["grad_norm"] or None,
+                "balance_loss": (float(sum(r["balance_loss"] for r in drv))
+                                 if drv[0]["balance_loss"] is not None else None),
                 "maxvio_batch": rep["maxvio_batch"], "maxvio_window": rep["maxvio_window"],
                 "step_time_s": seconds, "tokens_per_s": ids.numel() / seconds,
                 "shard_memory": [r for r in res[self.D:]]}

@@ -207,7 +207,8 @@ class DriverRank(_Rank):
 
     # ---- training --------------------------------------------------------------------------------
     def train_step(self, step: int, ids: torch.Tensor, bias_LE: np.ndarray | None, n_tokens: int,
-                   lr: float | None, mtp_weight: float) -> dict[str, Any]:
+                   lr: float | None, mtp_weight: float, seq_aux_alpha: float = 0.0,
+                   n_sequences: int | None = None) -> dict[str, Any]:
         # Idempotent by step: a retried call returns the recorded result instead of stepping twice.
         if step == self.step_done and self.last_result is not None:
             return self.last_result
@@ -219,7 +220,8 @@ class DriverRank(_Rank):
         self._set_lr(lr)
         self.optimizer.zero_grad(set_to_none=True)
         model.pop_expert_counts()
-        out = model.loss(ids.to(self.device), mtp_weight=mtp_weight, n_tokens=n_tokens)
+        out = model.loss(ids.to(self.device), mtp_weight=mtp_weight, n_tokens=n_tokens,
+                         seq_aux_alpha=seq_aux_alpha, n_sequences=n_sequences)
         out["total"].backward()
         if self._distributed() and self.spec.n_drivers > 1:
             self._allreduce_dense_grads()
@@ -233,6 +235,7 @@ class DriverRank(_Rank):
             "loss": out["loss"].item(), "mtp_loss": out["mtp_loss"].item() if "mtp_loss" in out else None,
             "counts": counts, "a2a": self.timer.pop(), "seconds": time.perf_counter() - t0,
             "grad_norm": grad_norm,
+            "balance_loss": out["balance_loss"].item() if "balance_loss" in out else None,
         }
         return self.last_result
 

@@ -183,3 +183,32 @@ def test_import_model_does_not_import_ray():
     code = "import sys, dsray.model, dsray.config, dsray.checkpoint; assert 'ray' not in sys.modules, 'ray imported'; " \
            "assert 'torch.distributed.distributed_c10d' not in sys.modules or True"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_sequence_balance_loss_by_hand():
+    cfg = preset("debug")
+    model = Transformer.from_config(cfg, seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    out = model.loss(ids, seq_aux_alpha=0.1)
+    # recompute layer 1's term with explicit loops from its gate on the same hidden states
+    moe = model.moe_modules()[0]
+    captured = {}
+    hook = moe.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0].detach()))
+    model.loss(ids)
+    hook.remove()
+    x = captured["x"]  # [B, S, D]
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    _, idx, scores = moe.gate(x.reshape(-1, x.shape[-1]), return_scores=True)
+    total = 0.0
+    for b in range(2):
+        s = scores.view(2, 6, E)[b]
+        chosen = idx.view(2, 6, K)[b]
+        for i in range(E):
+            f = E / (K * 6) * sum(int(i in chosen[t].tolist()) for t in range(6))
+            p = sum((s[t, i] / s[t].sum()).item() for t in range(6)) / 6
+            total += 0.1 * f * p
+    per_layer = [m.balance_loss_B for m in model.moe_modules()]  # from the last loss() call: alpha was 0
+    assert all(b is None for b in per_layer)
+    model.loss(ids, seq_aux_alpha=0.1)
+    got = model.moe_modules()[0].balance_loss_B.sum().item() / 2
+    assert abs(got - total / 2) < 1e-6 and out["balance_loss"].item() > got

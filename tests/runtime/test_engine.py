@@ -34,17 +34,19 @@ def test_forward_and_generate_match_hf(local_ray, hf_checkpoint, drivers, shards
     assert not alive_dsray_actors()
 
 
-@pytest.mark.parametrize("drivers,shards", [(1, 1), (2, 3)])
-def test_train_step_matches_single_process(local_ray, drivers, shards):
+@pytest.mark.parametrize("drivers,shards,alpha", [(1, 1, 0.0), (2, 3, 1e-2)])
+def test_train_step_matches_single_process(local_ray, drivers, shards, alpha):
     cfg = preset("debug")
     ids = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(0))
     ref = Transformer.from_config(cfg, seed=3)
-    out_ref = ref.loss(ids)
+    out_ref = ref.loss(ids, seq_aux_alpha=alpha)
     out_ref["total"].backward()
     want = reference_grads(ref, cfg)
     with Engine.from_config(cfg, seed=3, num_drivers=drivers, num_shards=shards, name=f"train{shards}",
-                            metrics=False, gamma=1e-3) as eng:
+                            metrics=False, gamma=1e-3, seq_aux_alpha=alpha) as eng:
         res = eng.train_step(ids)
+        if alpha:  # the balance loss is split over the drivers' sequences and adds up to the reference
+            assert abs(res["balance_loss"] - out_ref["balance_loss"].item()) <= 1e-5 * out_ref["balance_loss"].item()
         assert abs(res["loss"] - out_ref["loss"].item()) <= 1e-5 * abs(out_ref["loss"].item())
         assert abs(res["mtp_loss"] - out_ref["mtp_loss"].item()) <= 1e-5 * abs(out_ref["mtp_loss"].item())
         got = eng.grads()
