@@ -12,12 +12,12 @@ from dsray.runtime import Engine
 
 ckpt = sys.argv[1] if len(sys.argv) > 1 else "runs/example/checkpoint"
 tok = ByteTokenizer()
-prompts = ["ROMEO:\n", "ARIEL:\n"]  # one generate call takes prompts of one length
-ids = torch.tensor([tok.encode(p) for p in prompts])
+prompts = ["ROMEO:\n", "JULIET:\n", "KING LEAR:\n"]  # any lengths: the drivers batch equal lengths
+ids = [torch.tensor(tok.encode(p)) for p in prompts]
 
 with Engine.from_pretrained(ckpt, num_drivers=2, num_shards=2, name="example-gen") as eng:
     greedy = eng.generate(ids, max_new_tokens=60)
     sampled = eng.generate(ids, max_new_tokens=60, temperature=0.8, top_k=40, seed=0)
-    for p, g, s in zip(prompts, greedy, sampled):
-        print("greedy :", repr(p + tok.decode(g[ids.shape[1]:].tolist())))
-        print("sampled:", repr(p + tok.decode(s[ids.shape[1]:].tolist())))
+    for p, i, g, s in zip(prompts, ids, greedy, sampled):
+        print("greedy :", repr(p + tok.decode(g[len(i):].tolist())))
+        print("sampled:", repr(p + tok.decode(s[len(i):].tolist())))

@@ -374,29 +374,50 @@ class Engine:
         return torch.cat([r["logits"] for r in res if r["logits"] is not None])
 
     @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+    def generate(self, input_ids: torch.Tensor | list, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-                 seed: int | None = None) -> torch.Tensor:
-        """Prompt + new ids [B, S + n]; greedy at temperature 0, else sampled (top-k / top-p)."""
+                 seed: int | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """Prompt + new ids. A [B, S] tensor gives a [B, S + n] tensor (rows that stop at eos are padded
+        with eos); a list of prompts of any lengths gives a list of 1-D tensors in the same order.
+        Greedy at temperature 0, else sampled (top-k / top-p; `seed` makes it repeatable for a given
+        number of drivers)."""
         self._check()
-        ids = self._ids(input_ids)
+        as_list = isinstance(input_ids, (list, tuple))
+        prompts = [self._ids(p)[0] for p in input_ids] if as_list else list(self._ids(input_ids))
+        if not prompts:
+            raise ValueError("input_ids: no prompts")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 0")
-        if ids.shape[1] + max_new_tokens > self.cfg.max_position_embeddings:
-            raise ValueError(f"prompt + max_new_tokens = {ids.shape[1] + max_new_tokens} exceeds "
+        longest = max(p.shape[0] for p in prompts)
+        if longest + max_new_tokens > self.cfg.max_position_embeddings:
+            raise ValueError(f"prompt + max_new_tokens = {longest + max_new_tokens} exceeds "
                              f"max_position_embeddings={self.cfg.max_position_embeddings}")
         t0 = time.perf_counter()
-        futs = [d.generate.remote(part, self._bias, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                                  None if seed is None else seed + i)
-                for i, (d, part) in enumerate(zip(self.drivers, self._split(ids)))]
+        # Contiguous blocks of prompts per driver keep each driver's length groups large.
+        parts = [list(range(len(prompts)))[k::self.D] for k in range(self.D)] if as_list else \
+            [list(c) for c in torch.tensor_split(torch.arange(len(prompts)), self.D)]
+        parts = [[int(i) for i in part] for part in parts]
+        futs = [d.generate.remote([prompts[i] for i in part], self._bias, max_new_tokens, temperature, top_k,
+                                  top_p, eos_token_id, None if seed is None else seed + k)
+                for k, (d, part) in enumerate(zip(self.drivers, parts))]
         futs += [s.serve.remote() for s in self.shards]
         res = self._wait(futs, self.step_timeout_s, "generate")[:self.D]
-        outs = [r["ids"] for r in res if r["ids"].shape[0]]
-        width = max(o.shape[1] for o in outs)
+        outs: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
+        for part, r in zip(parts, res):
+            for i, row in zip(part, r["ids"]):
+                outs[i] = row
+        new = sum(o.shape[0] - p.shape[0] for o, p in zip(outs, prompts))
+        self._report("generate", res, int(new), time.perf_counter() - t0)
+        if as_list:
+            if eos_token_id is not None:  # batch-mates kept decoding: cut each row after its first eos
+                for i, (o, p) in enumerate(zip(outs, prompts)):
+                    hit = (o[p.shape[0]:] == eos_token_id).nonzero()
+                    if len(hit):
+                        outs[i] = o[:p.shape[0] + int(hit[0]) + 1]
+            return outs
+        width = max(o.shape[0] for o in outs)
         pad = eos_token_id if eos_token_id is not None else 0
-        out = torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1]), value=pad) for o in outs])
-        self._report("generate", res, int(out.shape[0] * (width - ids.shape[1])), time.perf_counter() - t0)
-        return out
+        return torch.stack([torch.nn.functional.pad(o, (0, width - o.shape[0]), value=pad) for o in outs])
 
     def _report(self, mode: str, res: list[dict], tokens: int, seconds: float) -> None:
         counts = np.sum([r["counts"] for r in res], axis=0)

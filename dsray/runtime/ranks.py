@@ -283,46 +283,54 @@ class DriverRank(_Rank):
                     self.device, self.dtype, grad=False)
 
     @torch.inference_mode()
-    def generate(self, ids: torch.Tensor, bias_LE: np.ndarray | None, max_new_tokens: int,
+    def generate(self, prompts: list[torch.Tensor], bias_LE: np.ndarray | None, max_new_tokens: int,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  eos_token_id: int | None = None, seed: int | None = None) -> dict[str, Any]:
-        """Latent-cache decoding. Drivers vote before every pass so that all ranks (shards, drivers that
-        finished early or hold no prompts) run the same number of lockstep passes."""
+        """Latent-cache decoding of `prompts` (1-D id tensors, any lengths). Prompts of one length decode
+        together as a batch; groups run one after another. Drivers vote before every pass so that all
+        ranks (shards, drivers that finished early or hold no prompts) run the same lockstep passes."""
         from dsray.model.sampling import sample_next
 
         self._set_bias(bias_LE)
         model = self.model.eval()
         model.pop_expert_counts()
-        ids = ids.to(self.device)
-        B, S = ids.shape
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-        cache = model.new_cache(B, S + max_new_tokens) if B else None
-        out = [ids]
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        pos, new_tokens, finished = 0, 0, B == 0 or max_new_tokens == 0
-        feed = ids
+        by_len: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_len.setdefault(int(p.shape[0]), []).append(i)
+        groups = [idx for _, idx in sorted(by_len.items())] if max_new_tokens > 0 else []
+        results: list[torch.Tensor | None] = [p.cpu() for p in prompts] if max_new_tokens == 0 else [None] * len(prompts)
+        g, state = 0, None
         while True:
-            want = not finished
+            want = g < len(groups)
             if self._distributed():
                 if not vote(want, self.world, self._vote_device()):
                     break
-                if finished:
+                if not want:
                     self._idle_pass()
                     continue
             elif not want:
                 break
-            logits = model(feed, cache, pos)[:, -1]
-            pos += feed.shape[1]
+            if state is None:  # start the next length group: its prefill is this pass
+                ids = torch.stack([prompts[i] for i in groups[g]]).to(self.device)
+                B = ids.shape[0]
+                state = {"cache": model.new_cache(B, ids.shape[1] + max_new_tokens), "out": [ids], "feed": ids,
+                         "pos": 0, "n": 0, "done": torch.zeros(B, dtype=torch.bool, device=self.device)}
+            logits = model(state["feed"], state["cache"], state["pos"])[:, -1]
+            state["pos"] += state["feed"].shape[1]
             nxt = sample_next(logits, temperature, top_k, top_p, gen)
             if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done |= nxt == eos_token_id
-            out.append(nxt[:, None])
-            new_tokens += 1
-            feed = nxt[:, None]
-            finished = new_tokens >= max_new_tokens or (eos_token_id is not None and bool(done.all()))
-        return {"ids": torch.cat(out, dim=1).cpu(), "counts": model.pop_expert_counts().cpu().numpy(),
-                "a2a": self.timer.pop()}
+                nxt = torch.where(state["done"], torch.full_like(nxt, eos_token_id), nxt)
+                state["done"] |= nxt == eos_token_id
+            state["out"].append(nxt[:, None])
+            state["n"] += 1
+            state["feed"] = nxt[:, None]
+            if state["n"] >= max_new_tokens or (eos_token_id is not None and bool(state["done"].all())):
+                rows = torch.cat(state["out"], dim=1).cpu()
+                for r, i in enumerate(groups[g]):
+                    results[i] = rows[r]
+                g, state = g + 1, None
+        return {"ids": results, "counts": model.pop_expert_counts().cpu().numpy(), "a2a": self.timer.pop()}
 
     # ---- state -----------------------------------------------------------------------------------
     def export_state(self) -> dict[str, Any]:

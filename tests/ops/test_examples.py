@@ -34,7 +34,7 @@ def test_train_generate_and_read_stats(tmp_path):
     out = run("train_ep.py", cwd=tmp_path)
     assert "step 100" in out and (tmp_path / "runs/example/checkpoint/model.safetensors").exists()
     gen = run("generate.py", cwd=tmp_path)
-    assert gen.count("greedy :") == 2 and gen.count("sampled:") == 2
+    assert gen.count("greedy :") == 3 and gen.count("sampled:") == 3
     stats = run("router_stats.py", "--file", "runs/example/checkpoint", cwd=tmp_path)
     assert "engine example" in stats and "MaxVio" in stats
 

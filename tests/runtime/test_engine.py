@@ -159,3 +159,18 @@ def test_fp8_checkpoint_loads_into_shards(local_ray, hf_checkpoint):
         want = Transformer.from_pretrained(path)(ids)
     with Engine.from_pretrained(path, num_drivers=1, num_shards=2, metrics=False, name="fp8") as eng:
         assert_close(eng.forward(ids), want, 1e-5, "FP8 checkpoint over 2 shards")
+
+
+def test_generate_prompts_of_different_lengths(local_ray):
+    cfg = preset("debug")
+    ref = Transformer.from_config(cfg, seed=4).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 256, (n,), generator=g) for n in (5, 3, 5, 8, 1, 3, 5)]
+    with Engine.from_config(cfg, seed=4, num_drivers=2, num_shards=2, metrics=False, name="varlen") as eng:
+        outs = eng.generate(prompts, 6)
+        eos = int(ref.generate(prompts[0][None], 3)[0, -1])  # a token the first prompt emits: stops it early
+        outs_eos = eng.generate(prompts, 6, eos_token_id=eos)
+    for p, o, oe in zip(prompts, outs, outs_eos):
+        assert torch.equal(o, ref.generate(p[None], 6)[0])
+        assert torch.equal(oe, ref.generate(p[None], 6, eos_token_id=eos)[0])
+    assert outs_eos[0].shape[0] < 5 + 6 + 1 and outs_eos[0][-1] == eos
