@@ -162,19 +162,23 @@ def cmd_generate(a: argparse.Namespace) -> int:
     ckpt = Path(a.checkpoint)
     eng_kw = _engine_kw(a)
     with Engine.from_pretrained(ckpt, **eng_kw) as eng:
+        texts = a.prompt or ["ROMEO:\n"]
         if a.prompt_ids:
-            ids = torch.tensor([[int(x) for x in a.prompt_ids.split(",")]])
+            prompts = [torch.tensor([int(x) for x in a.prompt_ids.split(",")])]
             decode = None
         else:
             enc, decode = _tokenizer(ckpt, eng.cfg.vocab_size)
-            ids = torch.tensor([enc(a.prompt)])
+            prompts = [torch.tensor(enc(t)) for t in texts]
         t0 = time.perf_counter()
-        out = eng.generate(ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                           eos_token_id=eng.cfg.eos_token_id if a.stop_at_eos else None, seed=a.seed)
+        outs = eng.generate(prompts, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                            eos_token_id=eng.cfg.eos_token_id if a.stop_at_eos else None, seed=a.seed)
         dt = time.perf_counter() - t0
-        new = out[0, ids.shape[1]:].tolist()
-        print(a.prompt + decode(new) if decode else ",".join(map(str, out[0].tolist())))
-        print(f"[{len(new)} tokens in {dt:.2f}s, {len(new) / dt:.1f} tok/s]", file=sys.stderr)
+        n_new = 0
+        for text, p, o in zip(texts, prompts, outs):
+            new = o[p.shape[0]:].tolist()
+            n_new += len(new)
+            print(text + decode(new) if decode else ",".join(map(str, o.tolist())))
+        print(f"[{n_new} tokens for {len(prompts)} prompt(s) in {dt:.2f}s, {n_new / dt:.1f} tok/s]", file=sys.stderr)
     return 0
 
 
@@ -255,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate from a checkpoint")
     g.add_argument("--checkpoint", required=True)
-    g.add_argument("--prompt", default="ROMEO:\n")
+    g.add_argument("--prompt", action="append", help="text prompt; repeat for several (any lengths)")
     g.add_argument("--prompt-ids", help="comma-separated token ids instead of --prompt")
     g.add_argument("--max-new-tokens", type=int, default=100)
     g.add_argument("--temperature", type=float, default=0.0)

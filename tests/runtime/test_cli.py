@@ -31,10 +31,10 @@ def test_train_generate_report(tmp_path: Path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "saved checkpoint" in r.stdout and (ck / "model.safetensors").exists() and png.stat().st_size > 10_000
     assert "MaxVio" in r.stdout  # the per-layer load table
-    g = dsray("generate", "--checkpoint", str(ck), "--prompt", "KING:", "--max-new-tokens", "8", "--shards", "1",
-              "--no-metrics", "--name", "cligen")
+    g = dsray("generate", "--checkpoint", str(ck), "--prompt", "KING:", "--prompt", "HAMLET:", "--max-new-tokens",
+              "8", "--shards", "1", "--no-metrics", "--name", "cligen")
     assert g.returncode == 0, g.stderr[-3000:]
-    assert g.stdout.startswith("KING:") and "tok/s" in g.stderr
+    assert g.stdout.startswith("KING:") and "\nHAMLET:" in g.stdout and "2 prompt(s)" in g.stderr
     rep = dsray("report", str(ck), "--out", str(tmp_path / "again.png"))
     assert rep.returncode == 0 and (tmp_path / "again.png").exists()
 
