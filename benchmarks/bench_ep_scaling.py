@@ -217,6 +217,37 @@ def main() -> None:
     out.write_text(json.dumps({"command": " ".join(sys.argv), "machine": machine, "commit": commit,
                                "args": vars(args), "results": rows}, indent=1))
     print("wrote", out)
+    if rows:
+        png = out.with_suffix(".png")
+        plot(rows, png, f"{args.device}, {args.shape} shape, {args.tokens} tokens/driver")
+        print("wrote", png)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Per layout: tokens/s per GPU, and dispatch/combine GB/s against the raw all-to-all ceiling."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"{r['layout']}\n({r['gpus']} ranks)" for r in rows]
+    x = range(len(rows))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.bar(x, [r["tokens_per_s_per_gpu"] for r in rows], color="tab:blue")
+    a.set_xticks(list(x), names)
+    a.set_ylabel("tokens/s per rank")
+    a.set_title("MoE layer throughput")
+    w = 0.27
+    for k, (key, label) in enumerate([("dispatch_GBps", "dispatch"), ("combine_GBps", "combine"),
+                                      ("raw_a2a_GBps", "raw all_to_all (ceiling)")]):
+        b.bar([i + (k - 1) * w for i in x], [r[key] for r in rows], w, label=label)
+    b.set_xticks(list(x), names)
+    b.set_ylabel("GB/s per driver rank")
+    b.set_title("all-to-all bandwidth")
+    b.legend(fontsize=8)
+    fig.suptitle(f"dsray EP scaling: {title}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
