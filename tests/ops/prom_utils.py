@@ -142,7 +142,32 @@ def _stop_session(proc: subprocess.Popen, grace_s: float) -> None:
 # ---- Ray -------------------------------------------------------------------------------------
 
 
-class RayHead:
+class _Service:
+    """A server process of our own in its own session, with a scratch folder; stop() is idempotent."""
+
+    proc: subprocess.Popen | None
+    grace_s: float = 10.0
+
+    def scratch(self) -> str | Path:
+        raise AssertionError("subclasses name their scratch folder")
+
+    def start(self):
+        raise AssertionError("subclasses start their process")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop_session(self.proc, grace_s=self.grace_s)
+            self.proc = None
+        shutil.rmtree(self.scratch(), ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class RayHead(_Service):
     """`ray start --head --block` on loopback with free ports, its own temp dir and the dashboard
     (needed by `ray job submit`). Use as a context manager or call start()/stop()."""
 
@@ -206,17 +231,10 @@ class RayHead:
             raise
         return self
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop_session(self.proc, grace_s=20)
-            self.proc = None
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+    grace_s = 20.0
 
-    def __enter__(self) -> RayHead:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def scratch(self) -> str:
+        return self.temp_dir
 
 
 _JOB_INFO = """
@@ -253,7 +271,7 @@ def prometheus_config(sd_file: str = RAY_SD_FILE, scrape_interval: str = "1s",
     }
 
 
-class Prometheus:
+class Prometheus(_Service):
     """A Prometheus server on 127.0.0.1:<free port> with its TSDB in a temp dir."""
 
     def __init__(self, sd_file: str = RAY_SD_FILE, scrape_interval: str = "1s") -> None:
@@ -291,17 +309,8 @@ class Prometheus:
             raise
         return self
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop_session(self.proc, grace_s=10)
-            self.proc = None
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> Prometheus:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def scratch(self) -> Path:
+        return self.dir
 
     # -- HTTP API --
 
