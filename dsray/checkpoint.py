@@ -21,8 +21,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
+
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from dsray.jsonfile import read_json_object
 
 # Stored dtypes we read. F8_E5M2 is left out on purpose: V3 has no scale convention for it, so
 # reading it "as stored" would silently hand back unscaled weights.
@@ -127,14 +130,7 @@ def _read_header(file: Path) -> dict[str, dict]:
     return header
 
 
-def _load_json(file: Path, what: str) -> dict:
-    try:
-        obj = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: malformed {what} JSON: {e}") from e
-    if not isinstance(obj, dict):
-        raise ValueError(f"{file}: malformed {what}: expected a JSON object, got {type(obj).__name__}")
-    return obj
+_load_json = read_json_object
 
 
 def _pickle_refusal(where: Path, names: list[str]) -> ValueError:

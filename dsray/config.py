@@ -8,11 +8,12 @@ naming the field and the value. Sizes that follow from the fields are properties
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dsray.jsonfile import read_json_object
 
 _TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 _SCORING = ("sigmoid", "softmax")
@@ -217,12 +218,7 @@ class ModelConfig:
         f = p / "config.json" if p.is_dir() else p
         if not f.exists():
             raise FileNotFoundError(f"{f}: no config.json (expected a HF deepseek_v3 checkpoint folder)")
-        try:
-            d = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{f}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{f}: expected a JSON object")
+        d = read_json_object(f, "model config")
         try:
             return cls.from_dict(d)
         except TypeError as e:

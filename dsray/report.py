@@ -12,12 +12,13 @@ matplotlib is an optional dependency (`pip install dsray[plot]`); it is imported
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from dsray.jsonfile import read_json_object
 
 STATS_FILE = "dsray_router.json"
 _REQUIRED = ("engine", "step", "moe_layers", "n_experts", "bias", "history")
@@ -45,12 +46,7 @@ def _resolve(path: Path) -> Path:
 def load_stats(path: Path | str) -> dict[str, Any]:
     """Load and check a Router statistics file; errors name the file and the missing/bad key."""
     file = _resolve(Path(path))
-    try:
-        stats = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{str(file)!r} is not valid JSON: {e}") from None
-    if not isinstance(stats, dict):
-        raise ValueError(f"{str(file)!r}: expected a JSON object, got {type(stats).__name__}")
+    stats = read_json_object(file, "router statistics")
     for key in _REQUIRED:
         if key not in stats:
             raise ValueError(f"{str(file)!r}: missing key {key!r}")

@@ -12,7 +12,6 @@ Ray otherwise. Every actor and the placement group are removed on shutdown, on e
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
 import shutil
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from dsray.config import ModelConfig, resolve_config
+from dsray.jsonfile import read_json_object
 from dsray.parallel.placement import Placement
 from dsray.runtime.ranks import DTYPES, RankSpec
 
@@ -257,16 +257,13 @@ class Engine:
         f = Path(self.checkpoint) / "dsray_router.json"
         if not f.exists():
             return {}
-        try:
-            return json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{f}: not valid JSON ({e})") from None
+        return read_json_object(f, "router statistics")
 
     def _import_optimizer(self, folder: Path) -> None:
         from safetensors.torch import load_file
 
         state_file = folder / "dsray_state.json"
-        step = json.loads(state_file.read_text()).get("optim_step", 0) if state_file.exists() else 0
+        step = read_json_object(state_file, "dsray state").get("optim_step", 0) if state_file.exists() else 0
         optim = load_file(folder / "optimizer.safetensors")  # safetensors: never unpickles
         self._wait([a.import_optimizer.remote(optim, step) for a in self.ranks], self.init_timeout_s,
                    "restore optimizer")
