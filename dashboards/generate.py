@@ -1,4 +1,4 @@
-"""Generate the dsray Grafana dashboard (dashboards/dsray.json) as plain Python data.
+"""Generate the dsray Grafana dashboard (dashboards/dsray.json) with grafana-foundation-sdk's typed builders.
 
     python dashboards/generate.py          # write dashboards/dsray.json
     python dashboards/generate.py --check  # exit 1 if the committed JSON is not what this generates
@@ -8,21 +8,53 @@ counters, `_bucket` on histograms). Every query filters on the `SessionName` and
 variables and aggregates away Ray's per-process labels (WorkerId changes when the Router restarts):
 counters and histograms with `sum by (...)`, gauges with `max`/`avg by (...)` so that the old and new
 Router's series, which overlap for up to two export intervals after a restart, are not added up.
+
+Adding a panel is one call in the function of its row, for example
+
+    timeseries_panel("Routing mismatch", [query(f"max by (kind) ({sel('ray_dsray_routing_mismatch')})", "{{kind}}")],
+               w=12, description="..."),
+
+and a new row is one more entry in ROWS. The SDK flows panels left to right on Grafana's 24-column grid
+and starts a new line when a line is exactly full, so the widths of each line must add up to 24
+(`dashboard()` raises if a panel would stick out).
+
+The JSON depends on the SDK build (the defaults it writes), so `--check` is only meaningful with the
+version pinned in pyproject.toml's `test` extra.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import itertools
 import json
+import string
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from grafana_foundation_sdk.builders import bargauge, heatmap, prometheus, stat, table, timeseries
+from grafana_foundation_sdk.builders.dashboard import Dashboard, DatasourceVariable, QueryVariable, Row
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models.common import TableCellHeight
+from grafana_foundation_sdk.models.dashboard import (
+    DashboardCursorSync, DataSourceRef, DataTransformerConfig, VariableOption, VariableRefresh, VariableSort,
+)
+from grafana_foundation_sdk.models.heatmap import HeatmapColorMode
+from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 OUT = Path(__file__).resolve().parent / "dsray.json"
-DS = "${datasource}"
+# Every panel and query reads the data source picked in the `datasource` variable.
+DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
 SCOPE = 'SessionName=~"$SessionName", engine=~"$engine"'
 LAYER = 'layer=~"$layer"'
 QUANTILES = (0.5, 0.9, 0.99)
+GRID_COLUMNS = 24
+
+# The SDK's panel builders used here: they share the generic panel options that panel() sets.
+P = TypeVar("P", timeseries.Panel, table.Panel, heatmap.Panel, bargauge.Panel, stat.Panel)
+PanelBuilder = timeseries.Panel | table.Panel | heatmap.Panel | bargauge.Panel | stat.Panel
 
 
 def sel(metric: str, *extra: str) -> str:
@@ -30,181 +62,172 @@ def sel(metric: str, *extra: str) -> str:
     return f"{metric}{{{', '.join((SCOPE, *extra))}}}"
 
 
-def target(expr: str, legend: str = "", *, fmt: str = "time_series", instant: bool = False) -> dict[str, Any]:
-    return {"datasource": DS, "expr": expr, "legendFormat": legend, "format": fmt, "instant": instant,
-            "range": not instant}
+def query(expr: str, legend: str = "", *, fmt: PromQueryFormat = PromQueryFormat.TIME_SERIES,
+          instant: bool = False) -> prometheus.Dataquery:
+    q = prometheus.Dataquery().expr(expr).legend_format(legend).format(fmt).datasource(DS)
+    return q.instant() if instant else q.range()
 
 
-def panel(kind: str, title: str, targets: list[dict[str, Any]], *, w: int, h: int = 8,
-          unit: str = "short", description: str = "", options: dict[str, Any] | None = None,
-          **extra: Any) -> dict[str, Any]:
-    for ref, t in zip("ABCDEFGHIJ", targets):
-        t["refId"] = ref
-    return {
-        "type": kind, "title": title, "description": description, "datasource": DS,
-        "gridPos": {"w": w, "h": h}, "targets": targets,
-        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-        "options": options or {}, **extra,
-    }
-
-
-def quantiles(metric: str, by: str, legend: str, *extra: str) -> list[dict[str, Any]]:
+def quantiles(metric: str, by: str, legend: str, *extra: str) -> list[prometheus.Dataquery]:
     return [
-        target(f"histogram_quantile({q}, sum by (le, {by}) (rate({sel(metric, *extra)}[$__rate_interval])))",
-               f"{legend} p{round(q * 100)}")
+        query(f"histogram_quantile({q}, sum by (le, {by}) (rate({sel(metric, *extra)}[$__rate_interval])))",
+              f"{legend} p{round(q * 100)}")
         for q in QUANTILES
     ]
 
 
-def row(title: str) -> dict[str, Any]:
-    return {"type": "row", "title": title, "collapsed": False, "gridPos": {"w": 24, "h": 1}, "panels": []}
+def panel(p: P, title: str, queries: list[prometheus.Dataquery], *, w: int, h: int = 8, unit: str = "short",
+          description: str = "") -> P:
+    """What every dsray panel sets: title, size, unit, the template data source, queries A, B, C..."""
+    for ref, q in zip(string.ascii_uppercase, queries):
+        q.ref_id(ref)
+    return p.title(title).description(description).datasource(DS).span(w).height(h).unit(unit).targets(queries)
 
 
-def throughput_panels() -> list[dict[str, Any]]:
+def timeseries_panel(title: str, queries: list[prometheus.Dataquery], **kw: Any) -> timeseries.Panel:
+    return panel(timeseries.Panel(), title, queries, **kw)
+
+
+def bargauge_panel(title: str, queries: list[prometheus.Dataquery], **kw: Any) -> bargauge.Panel:
+    return panel(bargauge.Panel(), title, queries, **kw)
+
+
+def throughput_panels() -> list[PanelBuilder]:
     return [
-        row("Throughput"),
-        panel("timeseries", "Tokens / s", [
-            target(f"sum by (mode) (rate({sel('ray_dsray_tokens_total')}[$__rate_interval]))", "{{mode}} (rate)"),
-            target(f"max by (mode) ({sel('ray_dsray_tokens_per_second')})", "{{mode}} (last step)"),
+        timeseries_panel("Tokens / s", [
+            query(f"sum by (mode) (rate({sel('ray_dsray_tokens_total')}[$__rate_interval]))", "{{mode}} (rate)"),
+            query(f"max by (mode) ({sel('ray_dsray_tokens_per_second')})", "{{mode}} (last step)"),
         ], w=6, description="Rate of the token counter, and tokens / step time of the latest step."),
-        panel("timeseries", "Step time", quantiles("ray_dsray_step_seconds_bucket", "mode", "{{mode}}"),
-              w=6, unit="s", description="Quantiles from the dsray_step_seconds histogram."),
-        panel("timeseries", "Steps / s", [
-            target(f"sum by (mode) (rate({sel('ray_dsray_steps_total')}[$__rate_interval]))", "{{mode}}"),
+        timeseries_panel("Step time", quantiles("ray_dsray_step_seconds_bucket", "mode", "{{mode}}"),
+                         w=6, unit="s", description="Quantiles from the dsray_step_seconds histogram."),
+        timeseries_panel("Steps / s", [
+            query(f"sum by (mode) (rate({sel('ray_dsray_steps_total')}[$__rate_interval]))", "{{mode}}"),
         ], w=6),
-        panel("timeseries", "Loss", [target(f"max by (engine) ({sel('ray_dsray_loss')})", "{{engine}}")], w=6),
+        timeseries_panel("Loss", [query(f"max by (engine) ({sel('ray_dsray_loss')})", "{{engine}}")], w=6),
     ]
 
 
-def load_panels() -> list[dict[str, Any]]:
+def load_panels() -> list[PanelBuilder]:
     share = f"avg by (layer, expert) ({sel('ray_dsray_expert_load_share', LAYER)})"
     return [
-        row("Expert load"),
-        panel("timeseries", "MaxVio per layer", [
-            target(f"max by (layer) ({sel('ray_dsray_maxvio_batch', LAYER)})", "L{{layer}} batch"),
-            target(f"max by (layer) ({sel('ray_dsray_maxvio_window', LAYER)})", "L{{layer}} window"),
+        timeseries_panel("MaxVio per layer", [
+            query(f"max by (layer) ({sel('ray_dsray_maxvio_batch', LAYER)})", "L{{layer}} batch"),
+            query(f"max by (layer) ({sel('ray_dsray_maxvio_window', LAYER)})", "L{{layer}} window"),
         ], w=12, description="(max(c) - mean(c)) / mean(c) of the step (batch) and of the Router's window."),
-        panel("table", "Expert load share (layer x expert, latest)", [
-            target(share, fmt="table", instant=True),
+        panel(table.Panel(), "Expert load share (layer x expert, latest)", [
+            query(share, fmt=PromQueryFormat.TABLE, instant=True),
         ], w=12, unit="percentunit",
             description="Rows: layers, columns: experts. With expert_detail=top only the hottest and "
-                        "coldest experts of each layer are exported; the other cells stay empty.",
-            transformations=[{"id": "groupingToMatrix", "options": {
-                "columnField": "expert", "rowField": "layer", "valueField": "Value"}}],
-            options={"cellHeight": "sm", "showHeader": True}),
-        panel("heatmap", "Expert load heatmap, layer $layer", [
-            target(f"avg by (expert) ({sel('ray_dsray_expert_load_share', LAYER)})", "{{expert}}", fmt="heatmap"),
-        ], w=12, unit="percentunit", repeat="layer", repeatDirection="h", maxPerRow=2,
-            description="Expert (y) by time (x), one panel per selected layer.",
-            options={"calculate": False, "yAxis": {"axisLabel": "expert"},
-                     "color": {"mode": "scheme", "scheme": "Oranges"}}),
-        panel("timeseries", "Routed tokens / s per expert", [
-            target(f"sum by (layer, expert) (rate({sel('ray_dsray_expert_tokens_total', LAYER)}[$__rate_interval]))",
-                   "L{{layer}} E{{expert}}"),
+                        "coldest experts of each layer are exported; the other cells stay empty.")
+        .with_transformation(DataTransformerConfig(id_val="groupingToMatrix", options={
+            "columnField": "expert", "rowField": "layer", "valueField": "Value"}))
+        .cell_height(TableCellHeight.SM).show_header(True),
+        panel(heatmap.Panel(), "Expert load heatmap, layer $layer", [
+            query(f"avg by (expert) ({sel('ray_dsray_expert_load_share', LAYER)})", "{{expert}}",
+                  fmt=PromQueryFormat.HEATMAP),
+        ], w=12, unit="percentunit", description="Expert (y) by time (x), one panel per selected layer.")
+        .repeat("layer").repeat_direction("h").max_per_row(2)
+        .calculate(False).y_axis(heatmap.YAxisConfig().axis_label("expert"))
+        .color(heatmap.HeatmapColorOptions().mode(HeatmapColorMode.SCHEME).scheme("Oranges")),
+        timeseries_panel("Routed tokens / s per expert", [
+            query(f"sum by (layer, expert) (rate({sel('ray_dsray_expert_tokens_total', LAYER)}[$__rate_interval]))",
+                  "L{{layer}} E{{expert}}"),
         ], w=12, description="expert='all' is the layer total (expert_detail top/none)."),
-        panel("bargauge", "Hottest experts (latest step)", [
-            target(f"topk(10, {share})", "L{{layer}} E{{expert}}", instant=True),
+        bargauge_panel("Hottest experts (latest step)", [
+            query(f"topk(10, {share})", "L{{layer}} E{{expert}}", instant=True),
         ], w=8, unit="percentunit"),
-        panel("bargauge", "Coldest experts (latest step)", [
-            target(f"bottomk(10, {share})", "L{{layer}} E{{expert}}", instant=True),
+        bargauge_panel("Coldest experts (latest step)", [
+            query(f"bottomk(10, {share})", "L{{layer}} E{{expert}}", instant=True),
         ], w=8, unit="percentunit"),
-        panel("bargauge", "Hottest experts over the range", [
-            target(f"topk(10, sum by (layer, expert) "
-                   f"(increase({sel('ray_dsray_expert_tokens_total', LAYER)}[$__range])))",
-                   "L{{layer}} E{{expert}}", instant=True),
+        bargauge_panel("Hottest experts over the range", [
+            query(f"topk(10, sum by (layer, expert) "
+                  f"(increase({sel('ray_dsray_expert_tokens_total', LAYER)}[$__range])))",
+                  "L{{layer}} E{{expert}}", instant=True),
         ], w=8, description="Tokens routed in the dashboard's time range."),
-        panel("timeseries", "Router bias per expert", [
-            target(f"avg by (layer, expert) ({sel('ray_dsray_router_bias', LAYER)})", "L{{layer}} E{{expert}}"),
+        timeseries_panel("Router bias per expert", [
+            query(f"avg by (layer, expert) ({sel('ray_dsray_router_bias', LAYER)})", "L{{layer}} E{{expert}}"),
         ], w=24, description="Aux-loss-free bias: it only changes which experts are selected."),
     ]
 
 
-def a2a_panels() -> list[dict[str, Any]]:
+def a2a_panels() -> list[PanelBuilder]:
     bucket = "ray_dsray_a2a_seconds_bucket"
     return [
-        row("All-to-all"),
-        panel("timeseries", "Dispatch / combine latency", quantiles(bucket, "phase", "{{phase}}", LAYER),
-              w=12, unit="s", description="p50/p90/p99 over the selected layers, per phase."),
-        panel("timeseries", "p99 latency per layer", [
-            target(f"histogram_quantile(0.99, sum by (le, layer, phase) "
-                   f"(rate({sel(bucket, LAYER)}[$__rate_interval])))", "L{{layer}} {{phase}}"),
+        timeseries_panel("Dispatch / combine latency", quantiles(bucket, "phase", "{{phase}}", LAYER),
+                         w=12, unit="s", description="p50/p90/p99 over the selected layers, per phase."),
+        timeseries_panel("p99 latency per layer", [
+            query(f"histogram_quantile(0.99, sum by (le, layer, phase) "
+                  f"(rate({sel(bucket, LAYER)}[$__rate_interval])))", "L{{layer}} {{phase}}"),
         ], w=12, unit="s"),
     ]
 
 
-def placement_panels() -> list[dict[str, Any]]:
+def placement_panels() -> list[PanelBuilder]:
     slots = sel("ray_dsray_shard_experts")
     return [
-        row("Placement"),
-        panel("stat", "Placement version", [target(f"max by (engine) ({sel('ray_dsray_placement_version')})",
-                                                   "{{engine}}")], w=4),
-        panel("timeseries", "Shards per node", [target(f"count by (node) (max by (shard, node) ({slots}))",
-                                                       "{{node}}")], w=5),
-        panel("timeseries", "Expert slots per node", [target(f"sum by (node) (max by (shard, node) ({slots}))",
-                                                             "{{node}}")], w=5),
-        panel("bargauge", "Expert slots per shard", [target(f"max by (shard, node) ({slots})",
-                                                            "{{shard}} @ {{node}}", instant=True)], w=5),
-        panel("timeseries", "Shard memory", [
-            target(f"max by (shard, kind) ({sel('ray_dsray_shard_memory_bytes')})", "{{shard}} {{kind}}"),
+        panel(stat.Panel(), "Placement version", [
+            query(f"max by (engine) ({sel('ray_dsray_placement_version')})", "{{engine}}"),
+        ], w=4),
+        timeseries_panel("Shards per node", [
+            query(f"count by (node) (max by (shard, node) ({slots}))", "{{node}}"),
+        ], w=5),
+        timeseries_panel("Expert slots per node", [
+            query(f"sum by (node) (max by (shard, node) ({slots}))", "{{node}}"),
+        ], w=5),
+        bargauge_panel("Expert slots per shard", [
+            query(f"max by (shard, node) ({slots})", "{{shard}} @ {{node}}", instant=True),
+        ], w=5),
+        timeseries_panel("Shard memory", [
+            query(f"max by (shard, kind) ({sel('ray_dsray_shard_memory_bytes')})", "{{shard}} {{kind}}"),
         ], w=5, unit="bytes"),
     ]
 
 
-def layout(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Assign ids and flow panels left to right, top to bottom on Grafana's 24-column grid."""
-    x = y = row_h = 0
-    for pid, p in enumerate(panels, start=1):
-        p["id"] = pid
-        g = p["gridPos"]
-        if p["type"] == "row" or x + g["w"] > 24:
-            x, y, row_h = 0, y + row_h, 0
-        g["x"], g["y"] = x, y
-        x, row_h = x + g["w"], max(row_h, g["h"])
-        if p["type"] == "row":
-            x, y, row_h = 0, y + g["h"], 0
-    return panels
+# Dashboard rows, top to bottom. Rows stay expanded with their panels after them on the dashboard's
+# top level: Grafana drops panels nested inside a row unless the row is collapsed.
+ROWS: list[tuple[str, Callable[[], list[PanelBuilder]]]] = [
+    ("Throughput", throughput_panels),
+    ("Expert load", load_panels),
+    ("All-to-all", a2a_panels),
+    ("Placement", placement_panels),
+]
 
 
-def variable(name: str, label: str, query: str, *, multi: bool = True) -> dict[str, Any]:
-    return {
-        "name": name, "label": label, "type": "query", "datasource": DS,
-        "definition": query, "query": {"query": query, "refId": f"{name}-var"},
-        "refresh": 2, "sort": 3 if name == "layer" else 1, "multi": multi, "includeAll": True,
-        "allValue": ".+", "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-        "hide": 0, "options": [], "regex": "",
-    }
+def query_variable(name: str, label: str, promql: str, sort: VariableSort) -> QueryVariable:
+    """A multi-value variable with "All" (= regex .+) selected, refreshed when the time range changes."""
+    return (QueryVariable(name).label(label).datasource(DS).query({"query": promql, "refId": f"{name}-var"})
+            .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).sort(sort).multi(True).include_all(True)
+            .all_value(".+").current(VariableOption(selected=True, text=["All"], value=["$__all"])))
 
 
-def dashboard() -> dict[str, Any]:
-    return {
-        "title": "dsray: MoE expert parallelism",
-        "uid": "dsray-moe",
-        "description": "Expert load, routing bias, all-to-all latency, placement and throughput of dsray "
-                       "engines (metrics from dsray/runtime/metrics.py via Ray's metrics agent).",
-        "tags": ["dsray", "ray", "moe"],
-        "editable": True,
-        "graphTooltip": 1,
-        "schemaVersion": 39,
-        "version": 1,
-        "refresh": "10s",
-        "time": {"from": "now-30m", "to": "now"},
-        "timepicker": {},
-        "timezone": "",
-        "annotations": {"list": []},
-        "links": [],
-        "templating": {"list": [
-            {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
-             "current": {}, "hide": 0, "refresh": 1, "regex": "", "options": []},
-            variable("SessionName", "Ray session", "label_values(ray_dsray_steps_total, SessionName)"),
-            variable("engine", "Engine", 'label_values(ray_dsray_steps_total{SessionName=~"$SessionName"}, engine)'),
-            variable("layer", "MoE layer", f"label_values({sel('ray_dsray_maxvio_batch')}, layer)"),
-        ]},
-        "panels": layout(throughput_panels() + load_panels() + a2a_panels() + placement_panels()),
-    }
+def dashboard() -> Dashboard:
+    d = (Dashboard("dsray: MoE expert parallelism").uid("dsray-moe")
+         .description("Expert load, routing bias, all-to-all latency, placement and throughput of dsray "
+                      "engines (metrics from dsray/runtime/metrics.py via Ray's metrics agent).")
+         .tags(["dsray", "ray", "moe"]).editable().tooltip(DashboardCursorSync.CROSSHAIR)
+         .refresh("10s").time("now-30m", "now").timezone("").version(1).links([])
+         .with_variable(DatasourceVariable("datasource").label("Data source").type("prometheus"))
+         .with_variable(query_variable("SessionName", "Ray session", "label_values(ray_dsray_steps_total, SessionName)",
+                                       VariableSort.ALPHABETICAL_ASC))
+         .with_variable(query_variable("engine", "Engine",
+                                       'label_values(ray_dsray_steps_total{SessionName=~"$SessionName"}, engine)',
+                                       VariableSort.ALPHABETICAL_ASC))
+         .with_variable(query_variable("layer", "MoE layer", f"label_values({sel('ray_dsray_maxvio_batch')}, layer)",
+                                       VariableSort.NUMERICAL_ASC)))
+    ids = itertools.count(1)
+    for title, panels in ROWS:
+        d.with_row(Row(title).id(next(ids)))
+        for p in panels():
+            d.with_panel(p.id(next(ids)))
+    for p in d.build().panels or []:
+        if p.grid_pos.x + p.grid_pos.w > GRID_COLUMNS:
+            raise ValueError(f"panel {p.title!r} spans columns {p.grid_pos.x}..{p.grid_pos.x + p.grid_pos.w} of "
+                             f"{GRID_COLUMNS}: make the widths of its line add up to {GRID_COLUMNS}")
+    return d
 
 
 def render() -> str:
-    return json.dumps(dashboard(), indent=2, ensure_ascii=False) + "\n"
+    return json.dumps(dashboard().build(), cls=JSONEncoder, indent=2, ensure_ascii=False) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,7 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         current = OUT.read_text() if OUT.exists() else ""
         if current != text:
-            print(f"{OUT} is stale: run `python dashboards/generate.py`", file=sys.stderr)
+            sdk = importlib.metadata.version("grafana-foundation-sdk")
+            print(f"{OUT} is stale: run `python dashboards/generate.py` (generated with grafana-foundation-sdk "
+                  f"{sdk}; pyproject.toml's test extra pins the version the committed JSON was made with)",
+                  file=sys.stderr)
             return 1
         print(f"{OUT} is up to date")
         return 0

@@ -4,6 +4,7 @@ dashboards/prometheus.yml. (tests/ops/test_metrics_live.py runs the same queries
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -27,6 +28,8 @@ DASHBOARDS = REPO / "dashboards"
 # Grafana's values for an "All" selection and its interval macros.
 GRAFANA_VALUES = {"datasource": "", "SessionName": ".+", "engine": ".+", "layer": ".+",
                   "__rate_interval": "1m", "__interval": "15s", "__range": "1h"}
+# The schema's data source reference (what grafana-foundation-sdk writes) to the `datasource` variable.
+TEMPLATE_DS = {"type": "prometheus", "uid": "${datasource}"}
 
 
 def _dashboard() -> dict:
@@ -96,7 +99,7 @@ def test_every_panel_query_parses_and_reads_dsray_metrics() -> None:
             # Scoped to the selected Ray session and engine (WorkerId is aggregated away).
             assert matchers.get("SessionName") == ".+" and matchers.get("engine") == ".+", (title, expr)
             used.add(s.name)
-        assert t["datasource"] == "${datasource}", title
+        assert t["datasource"] == TEMPLATE_DS, title
         assert "WorkerId" not in t["expr"], f"panel {title!r} must aggregate WorkerId away"
         # Raw series carry Ray's per-process labels: every query aggregates (sum/max/avg/count by, topk...).
         assert re.match(r"^\s*(sum|max|avg|count|topk|bottomk|histogram_quantile)\b", t["expr"]), (title, t["expr"])
@@ -107,7 +110,7 @@ def test_every_panel_query_parses_and_reads_dsray_metrics() -> None:
 def test_panels_and_variables() -> None:
     dashboard = _dashboard()
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
-    assert all(p["datasource"] == "${datasource}" for p in panels)
+    assert all(p["datasource"] == TEMPLATE_DS for p in panels)
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
     for p in dashboard["panels"]:
@@ -119,10 +122,44 @@ def test_panels_and_variables() -> None:
     assert variables["SessionName"]["query"]["query"] == "label_values(ray_dsray_steps_total, SessionName)"
     names = _exported_names()
     for name in ("SessionName", "engine", "layer"):
-        m = re.fullmatch(r"label_values\((.+), (\w+)\)", variables[name]["definition"])
-        assert m, variables[name]["definition"]
+        assert variables[name]["datasource"] == TEMPLATE_DS, name
+        m = re.fullmatch(r"label_values\((.+), (\w+)\)", variables[name]["query"]["query"])
+        assert m and m.group(2) == name, variables[name]["query"]
         for s in _selectors(prom_utils.substitute_vars(m.group(1), GRAFANA_VALUES)):
             assert s.name in names
+
+
+def test_rows_are_expanded_and_panels_follow_them() -> None:
+    """Grafana drops the panels nested inside an expanded row: every row is expanded and empty, and its
+    panels follow it on the top level, below it on the grid."""
+    dashboard = _dashboard()
+    rows = [p for p in dashboard["panels"] if p["type"] == "row"]
+    assert [r["title"] for r in rows] == ["Throughput", "Expert load", "All-to-all", "Placement"]
+    assert all(r["collapsed"] is False and r["panels"] == [] and r["gridPos"]["w"] == 24 for r in rows)
+    assert dashboard["panels"][0]["type"] == "row"
+    row_y = 0
+    for p in dashboard["panels"]:
+        if p["type"] == "row":
+            row_y = p["gridPos"]["y"]
+        else:
+            assert p["gridPos"]["y"] > row_y, p["title"]
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("dsray_dashboard_generate", DASHBOARDS / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generator_rejects_a_line_wider_than_the_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK starts a new grid line only when one is exactly full; a panel that sticks out is an error."""
+    gen = _generator()
+    q = [gen.query(gen.sel("ray_dsray_loss"))]
+    monkeypatch.setattr(gen, "ROWS", [("Row", lambda: [gen.timeseries_panel(t, q, w=w)
+                                                       for t, w in (("a", 12), ("b", 8), ("c", 8))])])
+    with pytest.raises(ValueError, match=r"panel 'c' spans columns 20\.\.28"):
+        gen.dashboard()
 
 
 def test_provisioning_files() -> None:
