@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psutil
 import yaml
 
 T = TypeVar("T")
@@ -86,36 +87,32 @@ def http_get_json(url: str, timeout: float = 10.0) -> Any:
         return json.loads(r.read().decode())
 
 
-def _proc_stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time in clock ticks) of a live process, from /proc."""
+def _descendants(root: int) -> list[psutil.Process]:
+    """Every live descendant of `root` (Ray's workers call setsid, so killing the process group alone
+    would miss them)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-    return int(fields[1]), int(fields[19])
+        return psutil.Process(root).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
 
 
-def _descendants(root: int) -> dict[int, int]:
-    """{pid: start time} of every live descendant of `root` (Ray's workers call setsid, so killing
-    the process group alone would miss them)."""
-    children: dict[int, list[tuple[int, int]]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (st := _proc_stat(int(entry))) is not None:
-            children.setdefault(st[0], []).append((int(entry), st[1]))
-    out: dict[int, int] = {}
-    todo = [root]
-    while todo:
-        for pid, start in children.get(todo.pop(), []):
-            if pid not in out:
-                out[pid] = start
-                todo.append(pid)
-    return out
+def running(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """Those of `procs` still running: not exited, pid not reused (psutil compares start times), not a
+    zombie (a zombie has exited and only waits for a parent, perhaps a non-reaping init, to reap it)."""
+    alive = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
 
 
 def _stop_session(proc: subprocess.Popen, grace_s: float) -> None:
     """SIGTERM the leader of a session we started, then SIGKILL what is left of its process group
-    and of its descendants (by pid, checking the start time so a reused pid is left alone)."""
+    and of its descendants (psutil.Process remembers each one's start time and refuses to signal
+    a pid that was reused since, so another user's process is left alone)."""
     started = _descendants(proc.pid)
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -127,12 +124,14 @@ def _stop_session(proc: subprocess.Popen, grace_s: float) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # pgid == pid: started with start_new_session=True
     except ProcessLookupError:
         pass
-    for pid, start in started.items():
-        if (st := _proc_stat(pid)) is not None and st[1] == start:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    for p in started:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:  # exited (or its pid now belongs to another process)
+            pass
+    deadline = time.monotonic() + 5
+    while running(started) and time.monotonic() < deadline:
+        time.sleep(0.1)
     try:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:

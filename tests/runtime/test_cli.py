@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
+
+import psutil
 
 ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
        "PYTHONUNBUFFERED": "1"}
@@ -19,9 +23,33 @@ def dsray(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           timeout=timeout, env=ENV)
 
 
-def _ray_workers() -> list[str]:
-    out = subprocess.run(["pgrep", "-af", "ray::(DriverRank|ExpertShard|Router)"], capture_output=True, text=True)
-    return [line for line in out.stdout.splitlines() if "pgrep" not in line]
+DSRAY_WORKER = re.compile(r"ray::(DriverRank|ExpertShard|Router)\b")
+
+
+def _running(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
+    """Those of `procs` still running. psutil compares start times, so a pid reused by someone else's
+    process does not count; a zombie has exited (it only waits to be reaped) and does not count either."""
+    alive = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def _ray_workers(procs: Iterable[psutil.Process]) -> list[str]:
+    """'pid cmdline' of the running dsray actor processes among `procs` (Ray sets an actor's process
+    title, i.e. its cmdline, to `ray::ClassName...`; the kernel's 15-byte name would cut ExpertShard)."""
+    return [d for d in map(_describe, _running(procs)) if DSRAY_WORKER.match(d.split(" ", 1)[1])]
+
+
+def _describe(p: psutil.Process) -> str:
+    try:  # Ray pads an actor's process title with spaces
+        return f"{p.pid} {' '.join(p.cmdline()).strip()}"
+    except psutil.NoSuchProcess:  # exited meanwhile
+        return f"{p.pid} (exited)"
 
 
 def test_train_generate_report(tmp_path: Path):
@@ -54,29 +82,48 @@ def test_bad_input_exits_nonzero_with_a_clear_message(tmp_path: Path):
 
 
 def test_ctrl_c_stops_every_actor_and_process():
-    assert not _ray_workers(), "stray dsray workers before the test"
+    """Ctrl-C on `dsray train` ends it with exit code 130 and leaves none of its processes behind.
+
+    Only this test's own processes are looked at (other people may run Ray on this machine): the
+    embedded Ray's gcs_server and raylet are children of the `dsray train` process and the actors'
+    workers children of the raylet, so everything the run started is a descendant of the process
+    started here. Their set is recorded while the job runs (at each of the first step lines, in case a
+    worker starts late), and after Ctrl-C every one of them must be gone, not only the actors."""
     p = subprocess.Popen([sys.executable, "-m", "dsray.cli", "train", "--steps", "100000", "--log-every", "1",
                           "--shards", "2", "--no-metrics", "--name", "ctrlc"], stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, env=ENV, start_new_session=True)
+    tracked: dict[int, psutil.Process] = {}
     try:
         deadline = time.monotonic() + 120
-        seen = ""
-        while time.monotonic() < deadline:
+        seen, steps = "", 0
+        while time.monotonic() < deadline and steps < 3:
             line = p.stdout.readline()
+            if not line:  # EOF: the run died
+                break
             seen += line
             if line.startswith("step"):
-                break
-        assert "step" in seen, seen[-2000:]
-        assert _ray_workers(), "the ranks should be running now"
+                steps += 1
+                tracked.update((c.pid, c) for c in psutil.Process(p.pid).children(recursive=True))
+        assert steps, seen[-2000:]
+        workers = _ray_workers(tracked.values())
+        assert {DSRAY_WORKER.match(w.split(" ", 1)[1]).group(1) for w in workers} == {
+            "DriverRank", "ExpertShard", "Router"}, f"the ranks should be running now: {workers}"
         p.send_signal(signal.SIGINT)
         rc = p.wait(timeout=60)
         rest = p.stdout.read()
         assert rc == 130, rest[-2000:]
         assert "interrupted" in rest
         deadline = time.monotonic() + 20
-        while _ray_workers() and time.monotonic() < deadline:
+        while _running(tracked.values()) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not _ray_workers()
+        assert not _ray_workers(tracked.values())
+        left = [_describe(q) for q in _running(tracked.values())]
+        assert not left, f"processes of the run still alive after Ctrl-C: {left}"
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
+        for q in _running(tracked.values()):  # Ray's workers call setsid: not in p's process group
+            try:
+                q.kill()
+            except psutil.NoSuchProcess:
+                pass
