@@ -4,13 +4,20 @@
 plus the live fields `last_counts` [L][E], `maxvio_batch` [L], `maxvio_window` [L], `tokens_per_s`,
 `placement_version`. Missing live fields fall back to the last history entry, so a saved stats file
 renders too. MaxVio = max_e(load_e) / mean_e(load_e) - 1.
+
+Without a Ray connection to the Router, `stats_from_metrics(text, engine)` builds the same dict from
+the Prometheus exposition text of the metrics that the Router exports (dsray/runtime/metrics.py).
 """
 
 from __future__ import annotations
 
 import time
+import urllib.request
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from typing import Any, Callable
 
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
@@ -19,13 +26,14 @@ from rich.text import Text
 BLOCKS = "▁▂▃▄▅▆▇█"
 
 
-def load_bar(counts: list[int], width: int = 32) -> str:
-    """One block character per expert, height = load / max load; lines of `width` experts."""
+def load_bar(counts: Sequence[float], width: int = 32) -> str:
+    """One block character per expert, height = load / max load; lines of `width` experts. Loads are
+    token counts (Router stats) or shares (`stats_from_metrics`)."""
     if not counts:
         return ""
     top = max(counts)
     n = len(BLOCKS)
-    chars = [BLOCKS[min(n - 1, c * n // top) if top > 0 else 0] for c in counts]
+    chars = [BLOCKS[min(n - 1, int(c * n / top)) if top > 0 else 0] for c in counts]
     return "\n".join("".join(chars[i:i + width]) for i in range(0, len(chars), width))
 
 
@@ -120,3 +128,105 @@ def run_top(
                 done += 1
     except KeyboardInterrupt:
         pass  # Ctrl-C is the normal way out of a live view
+
+
+# ---- the same view from Prometheus metrics ---------------------------------------------------------
+
+MODES = ("train", "forward", "generate")  # dsray.runtime.metrics.MODES (not imported: it pulls in Ray)
+
+
+def fetch_metrics(url: str, timeout: float = 10.0) -> str:
+    """The exposition text at `url`: a Ray node's metrics port (`http://<node>:8080/metrics`, the node
+    of the engine's Router), or a Prometheus server's `/federate?match[]=...` selecting `ray_dsray_.*`
+    (URL-encoded), which serves the same format from all nodes."""
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read().decode()
+
+
+def _series(text: str, engine: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """{sample name: [(labels, value)]} of `engine`'s dsray samples."""
+    out: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("ray_dsray_") and sample.labels.get("engine") == engine:
+                out[sample.name].append((sample.labels, sample.value))
+    return out
+
+
+def _by(samples: Iterable[tuple[dict[str, str], float]], keys: tuple[str, ...],
+        agg: Callable[[list[float]], float]) -> dict[tuple[str, ...], float]:
+    """Aggregate away every label but `keys` (Ray's WorkerId and friends), like `agg by (keys)`."""
+    groups: dict[tuple[str, ...], list[float]] = defaultdict(list)
+    for labels, value in samples:
+        groups[tuple(labels.get(k, "") for k in keys)].append(value)
+    return {k: agg(v) for k, v in groups.items()}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def stats_from_metrics(text: str, engine: str, n_experts: int | None = None) -> dict[str, Any]:
+    """The stats dict that `render()` takes, built from the Prometheus exposition text of one Ray
+    metrics endpoint (see `fetch_metrics`).
+
+    Aggregation follows dashboards/dsray.json: after a Router restart the old and the new process's
+    series coexist for up to two export intervals (different WorkerId), so gauges are combined with
+    max (MaxVio, version, tokens/s) or avg (load share, bias) and counters summed.
+
+    - `moe_layers`, `maxvio_batch`, `maxvio_window`: from the per-layer MaxVio gauges.
+    - `last_counts`: the latest step's load shares (`render` only needs proportions). With
+      expert_detail="top" only the hottest and coldest experts are exported: each missing expert gets
+      an equal part of the remaining share (so the hottest and coldest stay the exported ones); with
+      "none" there are no shares and the per-expert columns stay empty.
+    - `n_experts`: given, else the largest expert id seen + 1 (exact at expert_detail="full").
+    - `bias`: the exported experts' router bias, per layer.
+    - `step`: train steps counted in this Ray session; `tokens_per_s`: the latest step's throughput of
+      the mode with the most steps; `placement_version`.
+
+    Raises ValueError naming the engine (and the engines present) if `text` has no MaxVio series for it.
+    """
+    series = _series(text, engine)
+    maxvio_b = _by(series["ray_dsray_maxvio_batch"], ("layer",), max)
+    if not maxvio_b:
+        engines = sorted({s.labels["engine"] for f in text_string_to_metric_families(text) for s in f.samples
+                          if s.name.startswith("ray_dsray_") and "engine" in s.labels})
+        raise ValueError(f"no dsray metrics for engine {engine!r} in the metrics text "
+                         f"(engines there: {', '.join(engines) or 'none'})")
+    maxvio_w = _by(series["ray_dsray_maxvio_window"], ("layer",), max)
+    layers = sorted(int(layer) for (layer,) in maxvio_b)
+    share = _by(series["ray_dsray_expert_load_share"], ("layer", "expert"), _mean)
+    bias = _by(series["ray_dsray_router_bias"], ("layer", "expert"), _mean)
+    experts = [int(e) for _, e in share] + [int(e) for _, e in bias]
+    E = n_experts if n_experts is not None else (max(experts) + 1 if experts else None)
+
+    counts: list[list[float]] = []
+    for layer in layers:
+        have = {int(e): v for (lt, e), v in share.items() if lt == str(layer)}
+        if not have or E is None:
+            counts.append([])
+            continue
+        missing = E - len(have)
+        rest = max(0.0, 1.0 - sum(have.values())) / missing if missing > 0 else 0.0
+        counts.append([have.get(e, rest) for e in range(E)])
+
+    steps = _by(series["ray_dsray_steps_total"], ("mode",), sum)
+    tps = _by(series["ray_dsray_tokens_per_second"], ("mode",), max)
+    # The mode the engine mostly runs; MODES order breaks ties (train first).
+    main_mode = max(MODES, key=lambda m: (steps.get((m,), 0.0), -MODES.index(m)))
+    version = _by(series["ray_dsray_placement_version"], (), max).get(())
+    stats: dict[str, Any] = {
+        "engine": engine,
+        "step": int(steps.get(("train",), 0.0)),
+        "moe_layers": layers,
+        "last_counts": counts,
+        "maxvio_batch": [maxvio_b[(str(layer),)] for layer in layers],
+        "maxvio_window": [maxvio_w.get((str(layer),)) for layer in layers],
+        "bias": [[v for (lt, e), v in sorted(bias.items(), key=lambda kv: int(kv[0][1])) if lt == str(layer)]
+                 for layer in layers],
+        "tokens_per_s": tps.get((main_mode,)),
+        "placement_version": int(version) if version is not None else None,
+    }
+    if E is not None:  # unknown at expert_detail="none": render() shows "?"
+        stats["n_experts"] = E
+    return stats

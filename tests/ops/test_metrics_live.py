@@ -2,7 +2,8 @@
 Ray's service-discovery targets, and the tests read them back through Prometheus's HTTP API.
 
 Test A records known numbers with DsrayMetrics inside a Ray actor and checks every family, its labels
-and values. Test B runs `dsray train` as a Ray job and checks that every panel target of
+and values; `dsray top`'s metrics-text source is checked on the same numbers, read from Ray's metrics
+endpoint directly. Test B runs `dsray train` as a Ray job and checks that every panel target of
 dashboards/dsray.json returns data for it. The first tests check DsrayMetrics' input validation
 without Ray.
 """
@@ -29,6 +30,7 @@ try:
 except ImportError:  # tests/ops is not a package: pytest put this folder on sys.path
     import prom_utils
 
+from dsray import top
 from dsray.runtime.metrics import A2A_BOUNDARIES_S, STEP_BOUNDARIES_S, DsrayMetrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -201,8 +203,9 @@ def record_scenario(address: str, run: str) -> None:
     ray.shutdown()
 
 
-def test_metrics_reach_prometheus(stack) -> None:
-    """Test A: record known numbers from Ray actors; read every family back from Prometheus.
+@pytest.fixture(scope="module")
+def recorded(stack):
+    """Test A's scenario recorded from Ray actors that stay alive (gauges refreshed) until the module ends.
 
     The driver runs in a subprocess: Ray reads RAY_AUTH_MODE once per process (at import), and
     this pytest process may have imported Ray before the environment was set."""
@@ -210,7 +213,7 @@ def test_metrics_reach_prometheus(stack) -> None:
     run = uuid.uuid4().hex[:6]
     driver = subprocess.Popen([sys.executable, __file__, "--record", head.address, run], env=head.env,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    watchdog = threading.Timer(90, driver.kill)  # a hung driver must not hang the test
+    watchdog = threading.Timer(90, driver.kill)  # a hung driver must not hang the tests
     watchdog.start()
     try:
         output = []
@@ -221,7 +224,7 @@ def test_metrics_reach_prometheus(stack) -> None:
         else:
             pytest.fail(f"recording driver exited with {driver.wait()}:\n{''.join(output)[-5000:]}")
         watchdog.cancel()
-        _check_recorded_metrics(prom, run)
+        yield head, prom, run
     finally:
         watchdog.cancel()
         if driver.poll() is None:
@@ -230,6 +233,61 @@ def test_metrics_reach_prometheus(stack) -> None:
                 driver.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 driver.kill()
+
+
+def test_metrics_reach_prometheus(recorded) -> None:
+    """Test A: record known numbers from Ray actors; read every family back from Prometheus."""
+    _, prom, run = recorded
+    _check_recorded_metrics(prom, run)
+
+
+def test_top_stats_from_the_metrics_endpoint(recorded) -> None:
+    """`dsray top`'s fallback source: the Ray node's metrics endpoint itself (no Prometheus, no Ray
+    client), parsed with prometheus_client, gives the scenario's latest step."""
+    head, _, run = recorded
+    url = f"http://127.0.0.1:{head.metrics_port}/metrics"
+    steps, top_steps = scenario()
+    last = steps[-1]
+    share = last["counts_LE"] / last["counts_LE"].sum(axis=1, keepdims=True)
+    expected_full = {
+        "engine": f"ci-a-{run}", "step": 3, "moe_layers": LAYERS, "n_experts": E, "placement_version": 2,
+        "tokens_per_s": 259 / 0.08,  # train has the most steps; its last step: 259 tokens in 0.08 s
+        "last_counts": share.tolist(), "bias": last["bias_LE"].tolist(),
+        "maxvio_batch": last["maxvio_batch_L"].tolist(), "maxvio_window": last["maxvio_window_L"].tolist(),
+    }
+    last_top = top_steps[-1]["counts_LE"]
+    got: dict = {}
+
+    def matches(engine: str, expected: dict) -> bool:
+        got[engine] = stats = top.stats_from_metrics(top.fetch_metrics(url), engine)
+        return stats.keys() == expected.keys() and all(_close(stats[k], v) for k, v in expected.items())
+
+    def top_ok() -> bool:
+        got["top"] = stats = top.stats_from_metrics(top.fetch_metrics(url), f"ci-top-{run}", E_TOP)
+        for i, counts in enumerate(stats["last_counts"]):
+            order = np.argsort(last_top[i])  # distinct counts: one hottest, one coldest
+            hot, cold = int(order[-1]), int(order[0])
+            if not (len(counts) == E_TOP and max(range(E_TOP), key=counts.__getitem__) == hot
+                    and min(range(E_TOP), key=counts.__getitem__) == cold
+                    and math.isclose(counts[hot], last_top[i, hot] / last_top[i].sum(), rel_tol=1e-9)):
+                return False
+        return stats["moe_layers"] == LAYERS_TOP and stats["step"] == 3
+
+    try:
+        prom_utils.wait_for(lambda: matches(f"ci-a-{run}", expected_full), EXPORT_WAIT_S, "full-detail stats")
+        prom_utils.wait_for(top_ok, EXPORT_WAIT_S, "top-detail stats")
+    except TimeoutError as e:
+        pytest.fail(f"{e}\n got {got}\n expected (full) {expected_full}")
+
+
+def _close(a: object, b: object) -> bool:
+    """Equal, floats within rel 1e-6 (Ray exports doubles; the text format keeps them), lists elementwise."""
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-6,
+                                                                                           abs_tol=1e-12)
+    return a == b
 
 
 def _check_recorded_metrics(prom: prom_utils.Prometheus, run: str) -> None:

@@ -9,7 +9,7 @@ import torch
 from rich.console import Console
 
 from dsray.report import STATS_FILE, load_stats, render_report
-from dsray.top import load_bar, render, run_top
+from dsray.top import load_bar, render, run_top, stats_from_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -169,3 +169,94 @@ def test_run_top_stops_on_ctrl_c():
 
     run_top(fetch, interval=0.0, console=Console(record=True, width=120))
     assert len(calls) == 2
+
+
+# ---- `dsray top` from a metrics endpoint's exposition text ------------------------------------------
+
+# Labels Ray 2.60 adds to every series (besides WorkerId), as on a real metrics endpoint.
+RAY_LABELS = {"Component": "core_worker", "NodeAddress": "127.0.0.1", "SessionName": "session_x", "Version": "2.60.0",
+              "otel_scope_name": "ray._private.telemetry.open_telemetry_metric_recorder",
+              "otel_scope_schema_url": "", "otel_scope_version": ""}
+
+
+def exposition(samples: list[tuple[str, dict[str, str], float]], worker: str = "w1") -> str:
+    """Prometheus text format as Ray's metrics agent serves it: one # TYPE per family, Ray's labels on
+    every sample. Several calls (different `worker`) concatenate like an old and a restarted Router."""
+    lines = []
+    for name, labels, value in samples:
+        kind = "counter" if name.endswith("_total") else "gauge"
+        base = name.removesuffix("_total")
+        lines.append(f"# TYPE {base} {kind}")
+        tags = ",".join(f'{k}="{v}"' for k, v in {**RAY_LABELS, "WorkerId": worker, **labels}.items())
+        lines.append(f"{name}{{{tags}}} {value!r}")
+    return "\n".join(lines) + "\n"
+
+
+def _engine_samples(engine: str, shares: dict[int, dict[int, float]], *, steps: dict[str, float],
+                    version: float = 3.0, vio: float = 0.1) -> list[tuple[str, dict[str, str], float]]:
+    out = []
+    for layer, by_expert in shares.items():
+        out += [("ray_dsray_maxvio_batch", {"engine": engine, "layer": str(layer)}, vio * layer),
+                ("ray_dsray_maxvio_window", {"engine": engine, "layer": str(layer)}, vio / 10 * layer)]
+        for e, v in by_expert.items():
+            tags = {"engine": engine, "layer": str(layer), "expert": str(e)}
+            out += [("ray_dsray_expert_load_share", tags, v), ("ray_dsray_router_bias", tags, 0.001 * (e - 1))]
+    out += [("ray_dsray_steps_total", {"engine": engine, "mode": m}, n) for m, n in steps.items()]
+    out += [("ray_dsray_tokens_per_second", {"engine": engine, "mode": "train"}, 5000.0),
+            ("ray_dsray_tokens_per_second", {"engine": engine, "mode": "generate"}, 70.0),
+            ("ray_dsray_placement_version", {"engine": engine}, version)]
+    return out
+
+
+def test_stats_from_metrics_full_detail_and_a_restarted_router():
+    full = {1: {0: 0.1, 1: 0.2, 2: 0.3, 3: 0.4}, 3: {0: 0.25, 1: 0.25, 2: 0.25, 3: 0.25}}
+    old = {1: {0: 0.3, 1: 0.2, 2: 0.3, 3: 0.2}}  # the previous Router's layer-1 gauges, not yet expired
+    text = (exposition(_engine_samples("other", {1: {0: 1.0}}, steps={"train": 99.0}))
+            + exposition(_engine_samples("e1", full, steps={"train": 3.0, "generate": 1.0}))
+            + exposition(_engine_samples("e1", old, steps={"train": 4.0}, version=2.0, vio=0.05), worker="w0"))
+    stats = stats_from_metrics(text, "e1")
+    assert stats["engine"] == "e1" and stats["moe_layers"] == [1, 3] and stats["n_experts"] == 4
+    assert stats["step"] == 7  # train steps of both Router processes (counters add up)
+    assert stats["placement_version"] == 3  # gauges: max
+    assert stats["tokens_per_s"] == 5000.0  # the mode with the most steps: train
+    assert stats["maxvio_batch"] == pytest.approx([0.1, 0.3])
+    assert stats["maxvio_window"] == pytest.approx([0.01, 0.03])
+    assert [pytest.approx(c) for c in [[0.2, 0.2, 0.3, 0.3], [0.25] * 4]] == stats["last_counts"]  # shares: avg
+    assert [pytest.approx([-0.001, 0.0, 0.001, 0.002])] * 2 == stats["bias"]
+    text = _text(render(stats))
+    assert "e1" in text and "step 7" in text and "placement v3" in text and "5,000" in text
+    row = [ln for ln in text.splitlines() if ln.count("│") > 2 and ln.split("│")[1].strip() == "3"]
+    assert row and "0.300" in row[0] and "0.030" in row[0] and "0 25.0%" in row[0], text
+
+
+def test_stats_from_metrics_top_and_none_detail():
+    # expert_detail="top" with top_n=2 of 8 experts: only the 2 coldest (0, 1) and 2 hottest (6, 7).
+    top = {0: {0: 0.02, 1: 0.03, 6: 0.25, 7: 0.3}}
+    stats = stats_from_metrics(exposition(_engine_samples("t", top, steps={"generate": 5.0})), "t", n_experts=8)
+    rest = (1.0 - 0.6) / 4
+    assert stats["last_counts"] == [pytest.approx([0.02, 0.03, rest, rest, rest, rest, 0.25, 0.3])]
+    assert stats["step"] == 0 and stats["tokens_per_s"] == 70.0  # only generate steps
+    text = _text(render(stats))
+    assert "7 30.0%" in text and "0 2.0%" in text and "experts 8" in text
+    # expert_detail="none": MaxVio per layer only.
+    none = [s for s in _engine_samples("n", {2: {0: 1.0}, 4: {0: 1.0}}, steps={"train": 1.0})
+            if s[0] not in ("ray_dsray_expert_load_share", "ray_dsray_router_bias")]
+    stats = stats_from_metrics(exposition(none), "n")
+    assert stats["moe_layers"] == [2, 4] and stats["last_counts"] == [[], []] and "n_experts" not in stats
+    assert stats["maxvio_batch"] == pytest.approx([0.2, 0.4])
+    assert "0.400" in _text(render(stats))
+
+
+def test_top_knows_the_metrics_modes():
+    from dsray import top
+    from dsray.runtime import metrics
+
+    assert top.MODES == metrics.MODES  # a copy, so that dsray.top does not import Ray
+
+
+def test_stats_from_metrics_names_a_missing_engine():
+    text = exposition(_engine_samples("alpha", {1: {0: 1.0}}, steps={"train": 1.0}))
+    with pytest.raises(ValueError, match=r"'beta'.*engines there: alpha"):
+        stats_from_metrics(text, "beta")
+    with pytest.raises(ValueError, match="engines there: none"):
+        stats_from_metrics("", "beta")
