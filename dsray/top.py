@@ -138,9 +138,13 @@ MODES = ("train", "forward", "generate")  # dsray.runtime.metrics.MODES (not imp
 def fetch_metrics(url: str, timeout: float = 10.0) -> str:
     """The exposition text at `url`: a Ray node's metrics port (`http://<node>:8080/metrics`, the node
     of the engine's Router), or a Prometheus server's `/federate?match[]=...` selecting `ray_dsray_.*`
-    (URL-encoded), which serves the same format from all nodes."""
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.read().decode()
+    (URL-encoded), which serves the same format from all nodes. RuntimeError naming `url` if it
+    cannot be read (the CLI reports it as a failure instead of a traceback)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.read().decode()
+    except (OSError, ValueError) as e:  # URLError/HTTPError/timeouts are OSErrors; ValueError: bad URL
+        raise RuntimeError(f"cannot read metrics at {url}: {e}") from e
 
 
 def _series(text: str, engine: str) -> dict[str, list[tuple[dict[str, str], float]]]:

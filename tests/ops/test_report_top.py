@@ -247,6 +247,20 @@ def test_stats_from_metrics_top_and_none_detail():
     assert "0.400" in _text(render(stats))
 
 
+def test_fetch_metrics_names_the_url_it_cannot_read():
+    import socket
+
+    from dsray.top import fetch_metrics
+
+    with socket.socket() as s:  # a loopback port that nothing listens on (bound, never listening)
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/metrics"
+        with pytest.raises(RuntimeError, match=f"cannot read metrics at {url}"):
+            fetch_metrics(url, timeout=5)
+    with pytest.raises(RuntimeError, match="cannot read metrics at nowhere"):
+        fetch_metrics("nowhere")
+
+
 def test_top_knows_the_metrics_modes():
     from dsray import top
     from dsray.runtime import metrics
