@@ -68,9 +68,11 @@ def _encode_tensor(key: str, t: torch.Tensor) -> dict[str, Any]:
 
 
 def _check_value(where: str, v: Any) -> None:
-    if v is None or isinstance(v, (bool, int, str)):
+    if v is None or isinstance(v, (bool, str, float)):
         return
-    if isinstance(v, float):
+    if isinstance(v, int):
+        if not -2**63 <= v < 2**64:  # msgpack's integer range
+            raise ValueError(f"{where}: int {v} does not fit in 64 bits")
         return
     if isinstance(v, (list, tuple)):
         for i, x in enumerate(v):
@@ -116,7 +118,8 @@ def encode_rollout(batch: Batch, meta: dict[str, Any] | None = None) -> bytes:
 
 def write_rollout(path: str | os.PathLike, batch: Batch, meta: dict[str, Any] | None = None) -> Path:
     """Write `batch` (str keys -> tensor | int | float | str | bool | None | list) and `meta` to `path`
-    atomically: readers see the old file or the complete new one, never a partial one."""
+    atomically: readers see the old file or the complete new one, never a partial one. Tuples come
+    back as lists."""
     path = Path(path)
     blob = encode_rollout(batch, meta)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -167,7 +170,7 @@ def decode_rollout(blob: bytes, source: str = "<bytes>") -> tuple[Batch, dict[st
         raise ValueError(f"{source}: not a readable msgpack file ({type(e).__name__}: {e})") from e
     if not isinstance(doc, dict) or doc.get("format") != MAGIC:
         raise ValueError(f"{source}: not a dsray rollout file (no format={MAGIC!r} field)")
-    if doc.get("version") != VERSION:
+    if type(doc.get("version")) is not int or doc["version"] != VERSION:  # True == 1 in python
         raise ValueError(f"{source}: rollout format version {doc.get('version')!r}, this reader knows {VERSION}")
     tensors, values, meta = doc.get("tensors"), doc.get("values"), doc.get("meta")
     for name, v in (("tensors", tensors), ("values", values), ("meta", meta)):

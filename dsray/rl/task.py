@@ -10,7 +10,9 @@ batches of 128, plain next-token loss, 300 steps, ~60 s on one thread), sampled 
 of 64 the seeds disagreed (0.05 to 0.38 after 300 steps). String reversal and 2-digit addition
 stayed near 0 for the same budget (reversal: 0 after 1000 steps); sorting 2..6 letters was too easy.
 Longer words are harder, so a batch mixes prompts the model gets right and wrong, which is what gives
-GRPO groups a non-zero relative signal.
+GRPO groups a non-zero relative signal. Checked end to end in one process (rollouts of 16 prompts x 8
+samples at temperature 1, `grpo_loss` with 2 updates per rollout, AdamW lr 1e-4): 0.46 -> 0.61 after
+60 GRPO steps (~40 s); lr 5e-4 was too much (down to 0.33 after one step, no recovery in 50).
 
 The completion ends at the first eos; `completion_text` cuts there. A newline is not a terminator,
 just a wrong byte. The reward is binary (1.0 exact answer, 0.0 otherwise): no partial credit, since

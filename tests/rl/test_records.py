@@ -96,6 +96,8 @@ def test_write_errors_name_the_key(tmp_path):
         write_rollout(p, {"nested": [1, torch.zeros(2)]})
     with pytest.raises(ValueError, match="not a str"):
         write_rollout(p, {3: 1})
+    with pytest.raises(ValueError, match="'big'.*64 bits"):
+        write_rollout(p, {"big": 2**70})
     with pytest.raises(ValueError, match="meta"):
         write_rollout(p, {}, meta={"x": {1: 2}})
     with pytest.raises(ValueError, match="meta"):
@@ -120,6 +122,7 @@ def good_doc(**tensor):
     ({**good_doc(), "format": "other"}, "not a dsray rollout"),
     ({**good_doc(), "version": 99}, "version 99"),
     ({**good_doc(), "version": None}, "version None"),
+    ({**good_doc(), "version": True}, "version True"),
     (good_doc(dtype="float8"), "unknown dtype 'float8'"),
     (good_doc(data=b"\0" * 7), "7 bytes of data.*needs 8"),
     (good_doc(shape=[3]), "8 bytes of data.*needs 12"),

@@ -83,6 +83,6 @@ def test_batch_rewards():
 
 def test_warm_up_and_evaluate_run():
     # a smoke run of the measurement path (the real numbers come from `python -m dsray.rl.task`)
-    model, log = task.warm_up(steps=2, batch_size=8)
-    r = task.evaluate(model, n=16, temperature=1.0)
+    model, log = task.warm_up(steps=1, batch_size=4)
+    r = task.evaluate(model, n=8, temperature=1.0)
     assert 0.0 <= r <= 1.0 and model.training
