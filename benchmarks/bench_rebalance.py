@@ -135,7 +135,7 @@ def run_fanout(T: int, seed: int) -> list[dict]:
         grouped = Placement.grouped(E, G, range(S), S, nodes)
         tables = {"linear": Placement.linear(E, range(S), S), "round_robin": Placement.round_robin(E, range(S), S),
                   "grouped": grouped,
-                  "grouped + 32 replicas (tol 0.05)": grouped.rebalanced(zipf_load, 32, tolerance=0.05)}
+                  "grouped + 32 replicas (tol 0.02)": grouped.rebalanced(zipf_load, 32, tolerance=0.02)}
         for name, p in tables.items():
             d_r = p.destinations(ids_TK, 0).double()
             d_n = p.destinations(ids_TK, 0, node_of_rank=nodes).double()
