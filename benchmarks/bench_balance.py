@@ -60,7 +60,8 @@ SWEEP = ([{"label": f"sign {g:g}", "rule": "sign", "gamma": g, **_SMALL} for g i
          # lr schedules (cosine 3e-3 -> 3e-4; wsd: constant, then linear to 0 over the last 20%): the gate
          # slows down at the end; gamma fixed or following lr
          + [{"label": f"{sc} lr, {NEW['rule']} {NEW['gamma']:g}" + (" x lr/lr0" if f else ""), "rule": NEW["rule"],
-             "gamma": NEW["gamma"], "sched": sc, "gamma_follows_lr": f, **_CLI} for sc in ("cos", "wsd") for f in (0, 1)]
+             "gamma": NEW["gamma"], "sched": sc, "gamma_follows_lr": f, **_CLI}
+            for sc in ("cos", "wsd") for f in (0, 1)]
          + [{"label": f"{sc} lr, off", "rule": "sign", "gamma": 0.0, "sched": sc, **_CLI} for sc in ("cos", "wsd")])
 
 
