@@ -11,13 +11,14 @@ Shape legend: O = out features (rows), I = in features (cols), nO/nI = number of
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
-import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -25,7 +26,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from dsray.jsonfile import read_json_object
+from dsray.fp8 import check_block, dequantize_fp8_blockwise, scale_shape
+from dsray.files import check_checkpoint_target, default_mode, fsync_path, read_json_object
 
 # Stored dtypes we read. F8_E5M2 is left out on purpose: V3 has no scale convention for it, so
 # reading it "as stored" would silently hand back unscaled weights.
@@ -35,66 +37,10 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _SINGLE = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit; a bigger length prefix means a corrupt file
-FP8_E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 
 
 class CheckpointError(ValueError):
     """A checkpoint's content is wrong or unreadable: missing key, bad dtype, corrupt header, NaN/Inf."""
-
-
-# ---------------------------------------------------------------- FP8 block quantization
-
-def _check_block(block: tuple[int, int]) -> tuple[int, int]:
-    if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
-        raise ValueError(f"block must be two positive ints, got {block!r}")
-    return block[0], block[1]
-
-
-def _scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int]:
-    return math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1])
-
-
-def _expand(scale_nOnI: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
-    # Blocks at the right/bottom edge are ragged when O or I is not a multiple of the block: expand to
-    # whole blocks, then crop.
-    return (scale_nOnI.float().repeat_interleave(block[0], 0)[: shape[0]]
-            .repeat_interleave(block[1], 1)[:, : shape[1]])
-
-
-def quantize_fp8_blockwise(w: torch.Tensor, block: tuple[int, int] = (128, 128)
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize a 2-D weight to (float8_e4m3fn weight, fp32 scale_inv [ceil(O/bo), ceil(I/bi)]).
-
-    scale_inv = amax(|block|) / 448, so each block uses the full e4m3 range; all-zero blocks get 1.
-    `dequantize_fp8_blockwise` inverts it up to fp8 rounding."""
-    block = _check_block(block)
-    if w.ndim != 2:
-        raise ValueError(f"FP8 block quantization needs a 2-D weight, got shape {tuple(w.shape)}")
-    w_OI = w.detach().float()
-    if not torch.isfinite(w_OI).all():
-        raise ValueError("cannot quantize a weight that contains NaN/Inf")
-    (O, I), (bo, bi) = w_OI.shape, block
-    nO, nI = _scale_shape((O, I), block)
-    # zero padding does not change a block's amax of |w|
-    abs_pad = torch.nn.functional.pad(w_OI.abs(), (0, nI * bi - I, 0, nO * bo - O))
-    amax_nOnI = abs_pad.view(nO, bo, nI, bi).amax(dim=(1, 3))
-    scale_nOnI = torch.where(amax_nOnI > 0, amax_nOnI / FP8_E4M3_MAX, torch.ones_like(amax_nOnI))
-    # clamp guards against w/scale landing a hair above 448 through fp32 division rounding
-    q_OI = (w_OI / _expand(scale_nOnI, block, (O, I))).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX)
-    return q_OI.to(torch.float8_e4m3fn), scale_nOnI
-
-
-def dequantize_fp8_blockwise(w_fp8: torch.Tensor, scale_inv: torch.Tensor,
-                             block: tuple[int, int] = (128, 128)) -> torch.Tensor:
-    """fp32 weight = w_fp8.float() * scale_inv broadcast over its block (ragged edge blocks allowed)."""
-    block = _check_block(block)
-    if w_fp8.ndim != 2:
-        raise ValueError(f"FP8 block dequantization needs a 2-D weight, got shape {tuple(w_fp8.shape)}")
-    expected = _scale_shape(tuple(w_fp8.shape), block)
-    if tuple(scale_inv.shape) != expected:
-        raise ValueError(f"scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} "
-                         f"for a weight of shape {tuple(w_fp8.shape)} with {block[0]}x{block[1]} blocks")
-    return w_fp8.float().mul_(_expand(scale_inv, block, tuple(w_fp8.shape)))
 
 
 # ---------------------------------------------------------------- reading
@@ -184,7 +130,7 @@ class CheckpointReader:
     def _block_size(self, cfg: Path) -> tuple[int, int]:
         qc = (self.config_dict or {}).get("quantization_config") or {}
         try:
-            return _check_block(tuple(qc.get("weight_block_size", (128, 128))))  # 128x128: the V3 default
+            return check_block(tuple(qc.get("weight_block_size", (128, 128))))  # 128x128: the V3 default
         except (TypeError, ValueError) as e:
             raise ValueError(f"{cfg}: quantization_config.weight_block_size: {e}") from e
 
@@ -265,7 +211,7 @@ class CheckpointReader:
                                   f"'{key.removesuffix('.weight')}{_SCALE_SUFFIX}' scale companion")
         scale_file = self._key_file[scale_key]
         scale_info = self._info(scale_key, scale_file)
-        expected = _scale_shape(shape, self._block) if len(shape) == 2 else None
+        expected = scale_shape(shape, self._block) if len(shape) == 2 else None
         if expected is None or tuple(scale_info["shape"]) != expected:
             bo, bi = self._block
             raise CheckpointError(f"{scale_file}: {scale_key!r} has shape {tuple(scale_info['shape'])}, "
@@ -346,82 +292,32 @@ def _prepare(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _fsync(path: Path) -> None:
-    # data must be on disk before the rename that publishes it, or a crash can leave empty files
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, obj: object) -> None:
+def write_json(path: Path, obj: object) -> None:
     # HF's layout (indent 2, sorted keys, trailing newline); NaN is not JSON, so refuse it
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
-    _fsync(path)
+    fsync_path(path)
 
 
-def save_checkpoint(state: Mapping[str, torch.Tensor], folder: str | os.PathLike, config_dict: dict | None = None,
-                    *, max_shard_bytes: int = 5 * 2**30, extra_json: Mapping[str, dict] | None = None,
-                    overwrite: bool = False) -> Path:
-    """Write a HF-layout checkpoint folder atomically and return its path.
+@contextlib.contextmanager
+def staged_folder(folder: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary sibling of `folder` to write a checkpoint into; published on success, removed on error.
 
-    One `model.safetensors` when everything fits in `max_shard_bytes`, else `model-0000i-of-0000N.safetensors`
-    + `model.safetensors.index.json` (keys kept in `state` order; a tensor bigger than the limit gets its
-    own shard). `config.json` and each `extra_json` file are written beside them. Everything is written
-    into a temporary sibling folder first; `folder` only ever holds a complete checkpoint."""
+    Publishing is two renames, not one (rename() cannot replace a non-empty folder): the old folder is
+    moved aside, the new one renamed in, the old one deleted; if the second rename fails the old one is
+    put back. `folder` therefore always holds a complete checkpoint, the old or the new. Several
+    processes (expert shards, driver rank 0) may write their own files into the staged folder."""
     folder = Path(folder)
-    _check_tensors(state)
-    if max_shard_bytes <= 0:
-        raise ValueError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
-    for name in extra_json or {}:
-        if Path(name).name != name or name.startswith(".") or not name.endswith(".json") \
-                or name in ("config.json", _INDEX):
-            raise ValueError(f"extra_json name {name!r} must be a plain *.json file name other than "
-                             f"config.json and {_INDEX}")
-    if folder.exists():
-        if not folder.is_dir():
-            raise FileExistsError(f"{folder} exists and is not a folder")
-        if any(folder.iterdir()) and not overwrite:
-            raise FileExistsError(f"{folder} exists and is not empty; pass overwrite=True to replace it")
-
-    shards: list[list[str]] = [[]]
-    size = 0
-    for key, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += nbytes
-    n = len(shards)
-    names = [_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-
+    check_checkpoint_target(folder, overwrite)  # never replaces a folder holding anything but a checkpoint
     folder.parent.mkdir(parents=True, exist_ok=True)
     # a uuid name rather than mkdtemp: mkdtemp's 0700 mode would stick to the published folder
     tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     old: Path | None = None
     try:
-        for name, keys in zip(names, shards):
-            # prepared one shard at a time so at most one shard's CPU copies exist at once
-            save_file(_prepare({k: state[k] for k in keys}), tmp / name, metadata={"format": "pt"})
-            _fsync(tmp / name)
-        if n > 1:
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            params = sum(t.numel() for t in state.values())
-            _write_json(tmp / _INDEX, {
-                "metadata": {"total_parameters": params, "total_size": total},
-                "weight_map": {k: name for name, keys in zip(names, shards) for k in keys},
-            })
-        if config_dict is not None:
-            _write_json(tmp / "config.json", config_dict)
-        for name, obj in (extra_json or {}).items():
-            _write_json(tmp / name, obj)
-        _fsync(tmp)
+        yield tmp
+        fsync_path(tmp)
+        check_checkpoint_target(folder, overwrite)  # again: something may have appeared meanwhile
         if folder.exists():
-            # two renames, not one: rename() cannot replace a non-empty folder. The old one is kept
-            # until the new one is in place, and put back if that fails.
             old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(folder, old)
             try:
@@ -437,7 +333,72 @@ def save_checkpoint(state: Mapping[str, torch.Tensor], folder: str | os.PathLike
         raise
     if old is not None:
         shutil.rmtree(old)
+
+
+def write_part(file: Path, tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """One safetensors file of a staged checkpoint (mode 0666 & ~umask, fsynced); returns {key: bytes}."""
+    _check_tensors(tensors)
+    save_file(_prepare(tensors), file, metadata={"format": "pt"})
+    os.chmod(file, default_mode())  # safetensors writes 0600; config.json gets the umask's mode
+    fsync_path(file)
+    return {k: t.numel() * t.element_size() for k, t in tensors.items()}
+
+
+def write_index(folder: Path, weight_map: Mapping[str, str], sizes: Mapping[str, int],
+                name: str = _INDEX, params: int | None = None) -> None:
+    """`model.safetensors.index.json` (HF's format) for parts already written into `folder`."""
+    meta: dict[str, int] = {"total_size": int(sum(sizes.values()))}
+    if params is not None:
+        meta["total_parameters"] = int(params)
+    write_json(folder / name, {"metadata": meta, "weight_map": dict(weight_map)})
+
+
+def save_checkpoint(state: Mapping[str, torch.Tensor], folder: str | os.PathLike, config_dict: dict | None = None,
+                    *, max_shard_bytes: int = 5 * 2**30, extra_json: Mapping[str, dict] | None = None,
+                    overwrite: bool = False) -> Path:
+    """Write a HF-layout checkpoint folder atomically and return its path.
+
+    One `model.safetensors` when everything fits in `max_shard_bytes`, else `model-0000i-of-0000N.safetensors`
+    + `model.safetensors.index.json` (keys kept in `state` order; a tensor bigger than the limit gets its
+    own shard). `config.json` and each `extra_json` file are written beside them. Everything is written
+    into a temporary sibling folder first (`staged_folder`); `folder` only ever holds a complete checkpoint."""
+    folder = Path(folder)
+    _check_tensors(state)
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
+    check_json_names(extra_json or {})
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    n = len(shards)
+    names = [_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    with staged_folder(folder, overwrite) as tmp:
+        sizes: dict[str, int] = {}
+        for name, keys in zip(names, shards):
+            # prepared one shard at a time so at most one shard's CPU copies exist at once
+            sizes.update(write_part(tmp / name, {k: state[k] for k in keys}))
+        if n > 1:
+            write_index(tmp, {k: name for name, keys in zip(names, shards) for k in keys}, sizes,
+                        params=sum(t.numel() for t in state.values()))
+        if config_dict is not None:
+            write_json(tmp / "config.json", config_dict)
+        for name, obj in (extra_json or {}).items():
+            write_json(tmp / name, obj)
     return folder
+
+
+def check_json_names(extra_json: Mapping[str, Any]) -> None:
+    for name in extra_json:
+        if Path(name).name != name or name.startswith(".") or not name.endswith(".json") \
+                or name in ("config.json", _INDEX):
+            raise ValueError(f"extra_json name {name!r} must be a plain *.json file name other than "
+                             f"config.json and {_INDEX}")
 
 
 def save_tensors(tensors: Mapping[str, torch.Tensor], file: str | os.PathLike) -> Path:
@@ -448,7 +409,8 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], file: str | os.PathLike) -
     tmp = file.parent / f".{file.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         save_file(_prepare(tensors), tmp, metadata={"format": "pt"})
-        _fsync(tmp)
+        os.chmod(tmp, default_mode())
+        fsync_path(tmp)
         os.replace(tmp, file)  # atomic: readers see the old file or the new one, never a partial one
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -2,6 +2,9 @@
 
 Every command runs unchanged on a laptop (embedded local Ray, CPU) and as
 `ray job submit --working-dir . -- dsray ...` on a cluster (RAY_ADDRESS set by the job).
+Every argument is checked before Ray starts; every error is one line on stderr and a non-zero exit
+(2: bad input, 1: the run failed, 130: interrupted). Nothing a user had on disk is ever replaced
+without --overwrite, and never a folder that holds anything but a dsray checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dsray.commands import cmd_generate, cmd_report, cmd_status, cmd_top, cmd_train
+
 EXIT_USAGE, EXIT_RUNTIME = 2, 1
 
 
@@ -23,267 +28,159 @@ def _sigterm(*_: Any) -> None:
     raise KeyboardInterrupt
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _ray_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster to join ('auto': the one running on this host); default: "
+                   "RAY_ADDRESS inside a Ray job, else an embedded local Ray of our own")
+
+
 def _engine_args(p: argparse.ArgumentParser, drivers: int = 1, shards: int = 2) -> None:
     p.add_argument("--drivers", type=int, default=drivers, help="driver ranks (data parallel)")
     p.add_argument("--shards", type=int, default=shards, help="expert shards (0: experts inside the driver)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where ranks compute")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights and activations")
     p.add_argument("--placement", default="linear", help="linear | round_robin | path to a JSON table")
     p.add_argument("--name", default="dsray", help="engine name (the Router is found by it)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--cpus-per-rank", type=float, default=1.0,
                    help="logical CPUs each rank asks Ray for (fractions allowed: ranks mostly wait in collectives)")
+    p.add_argument("--wait-for-nodes", type=float, default=0.0, metavar="SECONDS",
+                   help="on an autoscaling cluster, wait this long for nodes that can hold the ranks")
     p.add_argument("--no-metrics", action="store_true", help="do not export Prometheus metrics")
+    _ray_args(p)
 
 
-def _engine_kw(a: argparse.Namespace) -> dict[str, Any]:
-    placement: Any = a.placement
-    if placement not in ("linear", "round_robin"):
-        f = Path(placement)
-        if not f.exists():
-            raise FileNotFoundError(f"--placement {placement}: no such file (or use linear / round_robin)")
-        placement = json.loads(f.read_text())
-    return dict(num_drivers=a.drivers, num_shards=a.shards, device=a.device, dtype=a.dtype,
-                placement=placement, name=a.name, threads=a.threads, metrics=not a.no_metrics,
-                driver_resources={"num_cpus": a.cpus_per_rank}, shard_resources={"num_cpus": a.cpus_per_rank})
-
-
-def _tokenizer(checkpoint: Path | None, vocab_size: int):
-    if checkpoint is not None and (checkpoint / "tokenizer.json").exists():
-        try:
-            from tokenizers import Tokenizer
-
-            tok = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
-            return (lambda s: tok.encode(s).ids), tok.decode
-        except ImportError:
-            pass
-    from dsray.data import ByteTokenizer
-
-    if vocab_size < ByteTokenizer.vocab_size:
-        raise ValueError(f"vocab_size={vocab_size} is too small for the byte tokenizer and the checkpoint has no "
-                         "tokenizer.json; pass --prompt-ids")
-    bt = ByteTokenizer()
-    return bt.encode, bt.decode
-
-
-def _progress(total: int, desc: str):
-    from tqdm import tqdm
-
-    # A bar on a terminal; periodic log lines otherwise (job logs, CI), see _train_loop.
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0,
-                disable=not sys.stderr.isatty())
-
-
-def _train_loop(eng, batches, steps: int, log_every: int, desc: str, rebalance_every: int = 0,
-                replicas: int = 0) -> list[dict[str, Any]]:
-    history = []
-    bar = _progress(steps, desc)
-    try:
-        for i in range(steps):
-            if rebalance_every and i and i % rebalance_every == 0 and eng.S > 1:
-                p = eng.rebalance(replicas)
-                hot = sorted(e for e in range(p.n_experts) if len(p.replicas(e)) > 1)
-                print(f"step {i}: placement v{p.version}, replicated experts {hot}", flush=True)
-            out = eng.train_step(batches.next_batch())
-            history.append(out)
-            mv = float(max(out["maxvio_batch"])) if len(out["maxvio_batch"]) else 0.0
-            bar.set_postfix(loss=f"{out['loss']:.3f}", maxvio=f"{mv:.2f}", tok_s=f"{out['tokens_per_s']:.0f}")
-            bar.update(1)
-            if not sys.stderr.isatty() and log_every and (i + 1) % log_every == 0:
-                print(f"step {out['step']:5d}  loss {out['loss']:.4f}  max MaxVio {mv:.3f}  "
-                      f"{out['tokens_per_s']:.0f} tok/s", flush=True)
-    finally:
-        bar.close()
-    return history
-
-
-def _print_stats(stats: dict[str, Any]) -> None:
-    from rich.console import Console
-
-    from dsray.top import render
-
-    Console().print(render(stats))
-
-
-def cmd_train(a: argparse.Namespace, demo: bool = False) -> int:
-    from dsray.config import resolve_config
-    from dsray.data import TextBatches, default_corpus_path
-    from dsray.runtime import Engine
-
-    data = Path(a.data) if a.data else default_corpus_path()
-    batches = TextBatches(data, seq_len=a.seq_len, batch_size=a.batch_size, seed=a.seed)
-    kw = _engine_kw(a)
-    kw.update(gamma=a.gamma, lr=a.lr, clip_grad_norm=a.clip_grad, seq_aux_alpha=a.seq_aux_alpha)
-    if a.checkpoint:
-        eng = Engine.from_pretrained(a.checkpoint, **kw)
-    else:
-        eng = Engine.from_config(resolve_config(a.config or a.preset), seed=a.seed, **kw)
-    with eng:
-        print(f"dsray: engine {a.name!r}: {eng.D} driver rank(s) + {eng.S} expert shard(s) on {a.device}, "
-              f"{eng.cfg.n_routed_experts} experts x {len(eng.moe_layers)} MoE layers, gamma={a.gamma}", flush=True)
-        hist = _train_loop(eng, batches, a.steps, a.log_every, "train", a.rebalance_every, a.replicas)
-        if hist:
-            k = max(1, len(hist) // 10)
-            first = sum(h["loss"] for h in hist[:k]) / k
-            last = sum(h["loss"] for h in hist[-k:]) / k
-            mv0 = max(hist[0]["maxvio_batch"])
-            mv1 = sum(max(h["maxvio_batch"]) for h in hist[-k:]) / k
-            print(f"loss {first:.3f} -> {last:.3f} (mean of first/last {k} steps); "
-                  f"max-layer MaxVio {mv0:.2f} -> {mv1:.2f}", flush=True)
-        stats = eng.stats()
-        _print_stats(stats)
-        if a.save:
-            path = eng.save(a.save, overwrite=True)
-            print(f"saved checkpoint to {path}", flush=True)
-            if a.report:
-                from dsray.report import render_report
-
-                print(f"wrote {render_report(stats, Path(a.report))}", flush=True)
-        if demo:
-            tok_enc, tok_dec = _tokenizer(None, eng.cfg.vocab_size)
-            prompt = a.prompt
-    if demo and a.save:
-        print(f"\nreloading {a.save} with 1 driver + 2 shards and generating:", flush=True)
-        with Engine.from_pretrained(a.save, num_drivers=1, num_shards=2, name=a.name + "-gen",
-                                    metrics=False) as gen:
-            import torch
-
-            ids = torch.tensor([tok_enc(prompt)])
-            out = gen.generate(ids, a.max_new_tokens, temperature=0.8, top_k=40, seed=a.seed)
-            print("-" * 60 + "\n" + prompt + tok_dec(out[0, ids.shape[1]:].tolist()) + "\n" + "-" * 60)
-    return 0
-
-
-def cmd_generate(a: argparse.Namespace) -> int:
-    import torch
-
-    from dsray.runtime import Engine
-
-    ckpt = Path(a.checkpoint)
-    eng_kw = _engine_kw(a)
-    with Engine.from_pretrained(ckpt, **eng_kw) as eng:
-        texts = a.prompt or ["ROMEO:\n"]
-        if a.prompt_ids:
-            prompts = [torch.tensor([int(x) for x in a.prompt_ids.split(",")])]
-            decode = None
-        else:
-            enc, decode = _tokenizer(ckpt, eng.cfg.vocab_size)
-            prompts = [torch.tensor(enc(t)) for t in texts]
-        t0 = time.perf_counter()
-        outs = eng.generate(prompts, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                            eos_token_id=eng.cfg.eos_token_id if a.stop_at_eos else None, seed=a.seed)
-        dt = time.perf_counter() - t0
-        n_new = 0
-        for text, p, o in zip(texts, prompts, outs):
-            new = o[p.shape[0]:].tolist()
-            n_new += len(new)
-            print(text + decode(new) if decode else ",".join(map(str, o.tolist())))
-        print(f"[{n_new} tokens for {len(prompts)} prompt(s) in {dt:.2f}s, {n_new / dt:.1f} tok/s]", file=sys.stderr)
-    return 0
-
-
-def cmd_status(a: argparse.Namespace) -> int:
-    import ray
-
-    from dsray.runtime.engine import attach_router
-
-    ray.init(address=a.address or "auto", log_to_driver=False)
-    try:
-        stats = ray.get(attach_router(a.name).stats.remote(), timeout=30)
-        if a.json:
-            stats.pop("history", None)
-            print(json.dumps(stats))
-        else:
-            _print_stats(stats)
-    finally:
-        ray.shutdown()
-    return 0
-
-
-def cmd_top(a: argparse.Namespace) -> int:
-    import ray
-
-    from dsray.runtime.engine import attach_router
-    from dsray.top import run_top
-
-    ray.init(address=a.address or "auto", log_to_driver=False)
-    try:
-        router = attach_router(a.name)
-        run_top(lambda: ray.get(router.stats.remote(), timeout=30), interval=a.interval, iterations=a.iterations)
-    finally:
-        ray.shutdown()
-    return 0
-
-
-def cmd_report(a: argparse.Namespace) -> int:
-    from dsray.report import load_stats, render_report
-
-    print(f"wrote {render_report(load_stats(Path(a.run)), Path(a.out))}")
-    return 0
+def _train_args(t: argparse.ArgumentParser, steps: int, drivers: int, shards: int) -> None:
+    src = t.add_mutually_exclusive_group()
+    src.add_argument("--preset", default="debug", help="model preset (debug, v3-671b, moonlight-16b-a3b, kimi-k2)")
+    src.add_argument("--config", help="a config.json (or checkpoint folder) to train from scratch")
+    src.add_argument("--checkpoint", help="HF deepseek_v3 folder to continue from")
+    t.add_argument("--data", help="UTF-8 text file (default: the bundled Shakespeare corpus)")
+    t.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+    t.add_argument("--batch-size", type=int, default=8, help="sequences per step (over all drivers)")
+    t.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
+    t.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    t.add_argument("--gamma", type=float, default=1e-3, help="bias update speed (0 disables balancing)")
+    t.add_argument("--clip-grad", type=float, default=1.0, help="global grad-norm clip over all ranks (0: off)")
+    t.add_argument("--seq-aux-alpha", type=float, default=0.0,
+                   help="sequence-wise balance loss weight (DeepSeek-V3: 1e-4; 0: off)")
+    t.add_argument("--seed", type=int, default=0, help="weights and data order")
+    t.add_argument("--save", help="checkpoint folder to write at the end")
+    t.add_argument("--report", help="PNG with the load heatmap and MaxVio curves of the run")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an existing checkpoint / report (never a folder holding other files)")
+    t.add_argument("--log-every", type=int, default=20, help="log line interval when not on a terminal")
+    t.add_argument("--rebalance-every", type=int, default=0,
+                   help="every N steps, re-place experts by load (EPLB-style replicas of hot experts)")
+    t.add_argument("--replicas", type=int, default=2, help="extra expert slots for --rebalance-every")
+    _engine_args(t, drivers, shards)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dsray", description="Expert-parallel DeepSeek-V3 MoE on Ray")
+    p = argparse.ArgumentParser(prog="dsray", description="Expert-parallel DeepSeek-V3 MoE on Ray",
+                                formatter_class=_Help)
     sub = p.add_subparsers(dest="cmd", required=True)
+    add = lambda name, helptext: sub.add_parser(name, help=helptext, formatter_class=_Help)  # noqa: E731
 
-    def train_args(t: argparse.ArgumentParser, steps: int, drivers: int, shards: int) -> None:
-        src = t.add_mutually_exclusive_group()
-        src.add_argument("--preset", default="debug", help="model preset (debug, v3-671b, moonlight-16b-a3b, kimi-k2)")
-        src.add_argument("--config", help="a config.json (or checkpoint folder) to train from scratch")
-        src.add_argument("--checkpoint", help="HF deepseek_v3 folder to continue from")
-        t.add_argument("--data", help="UTF-8 text file (default: the bundled Shakespeare corpus)")
-        t.add_argument("--steps", type=int, default=steps)
-        t.add_argument("--batch-size", type=int, default=8)
-        t.add_argument("--seq-len", type=int, default=64)
-        t.add_argument("--lr", type=float, default=3e-3)
-        t.add_argument("--gamma", type=float, default=1e-3, help="bias update speed (0 disables balancing)")
-        t.add_argument("--clip-grad", type=float, default=1.0, help="global grad-norm clip over all ranks (0: off)")
-        t.add_argument("--seq-aux-alpha", type=float, default=0.0,
-                       help="sequence-wise balance loss weight (DeepSeek-V3: 1e-4; 0: off)")
-        t.add_argument("--seed", type=int, default=0)
-        t.add_argument("--save", help="checkpoint folder to write at the end")
-        t.add_argument("--report", help="PNG with the load heatmap and MaxVio curves (needs --save)")
-        t.add_argument("--log-every", type=int, default=20, help="log line interval when not on a terminal")
-        t.add_argument("--rebalance-every", type=int, default=0,
-                       help="every N steps, re-place experts by load (EPLB-style replicas of hot experts)")
-        t.add_argument("--replicas", type=int, default=2, help="extra expert slots for --rebalance-every")
-        _engine_args(t, drivers, shards)
+    _train_args(add("train", "train with expert parallelism"), 100, 1, 2)
+    d = add("demo", "the README's main job: debug model, 2 drivers + 3 shards, train, save, generate")
+    _train_args(d, 300, 2, 3)
+    d.set_defaults(name="demo", gamma=1e-2)
+    d.add_argument("--run-dir", help="where the demo writes (default: a new runs/demo-<time> folder)")
+    d.add_argument("--prompt", default="ROMEO:\n", help="text to continue after training")
+    d.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample after training")
 
-    t = sub.add_parser("train", help="train with expert parallelism")
-    train_args(t, 100, 1, 2)
-    d = sub.add_parser("demo", help="the README's main job: debug model, 2 drivers + 3 shards, train, save, generate")
-    train_args(d, 300, 2, 3)
-    d.set_defaults(save="runs/demo/checkpoint", report="runs/demo/report.png", name="demo", gamma=1e-2)
-    d.add_argument("--prompt", default="ROMEO:\n")
-    d.add_argument("--max-new-tokens", type=int, default=200)
-
-    g = sub.add_parser("generate", help="generate from a checkpoint")
-    g.add_argument("--checkpoint", required=True)
+    g = add("generate", "generate from a checkpoint")
+    g.add_argument("--checkpoint", required=True, help="HF deepseek_v3 folder (safetensors)")
     g.add_argument("--prompt", action="append", help="text prompt; repeat for several (any lengths)")
     g.add_argument("--prompt-ids", help="comma-separated token ids instead of --prompt")
-    g.add_argument("--max-new-tokens", type=int, default=100)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--stop-at-eos", action="store_true")
+    g.add_argument("--max-new-tokens", type=int, default=100, help="new tokens per prompt")
+    g.add_argument("--temperature", type=float,
+                   help="0: greedy (default: the checkpoint's generation_config.json, else greedy)")
+    g.add_argument("--top-k", type=int, help="sample from the k likeliest (default: the checkpoint's)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the checkpoint's)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--eos-token-id", type=int,
+                   help="stop a row at this id (default: the checkpoint's generation_config.json / config.json)")
+    g.add_argument("--no-eos", action="store_true", help="never stop early: always generate --max-new-tokens")
     _engine_args(g, 1, 2)
 
     for name, helptext in (("status", "print a running engine's router statistics"),
                            ("top", "live view of expert load and MaxVio")):
-        s = sub.add_parser(name, help=helptext)
-        s.add_argument("--name", default="dsray")
-        s.add_argument("--address", help="Ray address (default: RAY_ADDRESS or auto)")
+        s = add(name, helptext)
+        s.add_argument("--name", default="dsray", help="engine name")
+        s.add_argument("--address", default="auto", help="Ray cluster to look in")
         if name == "status":
-            s.add_argument("--json", action="store_true")
+            s.add_argument("--json", action="store_true", help="machine-readable output")
         else:
-            s.add_argument("--interval", type=float, default=1.0)
-            s.add_argument("--iterations", type=int, help="stop after N refreshes")
+            s.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+            s.add_argument("--iterations", type=int, help="stop after N refreshes (default: until Ctrl-C)")
+            s.add_argument("--metrics-url", help="read the engine's metrics from a Ray metrics endpoint "
+                           "(http://<Router's node>:8080/metrics) instead of connecting to Ray")
 
-    r = sub.add_parser("report", help="PNG of a finished run's expert load and MaxVio")
+    r = add("report", "PNG of a finished run's expert load and MaxVio")
     r.add_argument("run", help="run folder, checkpoint folder or dsray_router.json")
-    r.add_argument("--out", default="report.png")
+    r.add_argument("--out", default="report.png", help="PNG to write")
+    r.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return p
+
+
+def _positive(a: argparse.Namespace, **rules: int) -> None:
+    for name, low in rules.items():
+        v = getattr(a, name, None)
+        if v is not None and v < low:
+            raise ValueError(f"--{name.replace('_', '-')} {v}: expected >= {low}")
+
+
+def validate(a: argparse.Namespace) -> None:
+    """Everything that can be checked before Ray starts (ValueError / FileExistsError: exit 2)."""
+    from dsray.files import check_checkpoint_target, check_new_file
+
+    _positive(a, drivers=1, shards=0, threads=1, steps=0, batch_size=1, seq_len=2, log_every=0,
+              rebalance_every=0, replicas=0, max_new_tokens=0, top_k=1, iterations=1, gamma=0, lr=0,
+              clip_grad=0, seq_aux_alpha=0, temperature=0, cpus_per_rank=0, wait_for_nodes=0)
+    if getattr(a, "top_p", None) is not None and not 0 < a.top_p <= 1:
+        raise ValueError(f"--top-p {a.top_p}: expected in (0, 1]")
+    if getattr(a, "interval", 1.0) <= 0:
+        raise ValueError(f"--interval {a.interval}: expected > 0")
+    if a.cmd in ("train", "demo"):
+        if a.cmd == "demo":
+            run = Path(a.run_dir) if a.run_dir else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+            a.save = a.save or str(run / "checkpoint")
+            a.report = a.report or str(run / "report.png")
+        if a.batch_size < a.drivers:
+            raise ValueError(f"--batch-size {a.batch_size} is smaller than --drivers {a.drivers}: each driver "
+                             "needs at least one sequence")
+        if a.save:
+            check_checkpoint_target(a.save, a.overwrite)
+        if a.report:
+            check_new_file(a.report, a.overwrite, "--report")
+        for opt in ("checkpoint", "config", "data"):
+            if getattr(a, opt, None) and not Path(getattr(a, opt)).exists():
+                raise FileNotFoundError(f"--{opt} {getattr(a, opt)}: no such file or folder")
+    if a.cmd == "generate":
+        if not Path(a.checkpoint).exists():
+            raise FileNotFoundError(f"--checkpoint {a.checkpoint}: no such folder")
+        if a.prompt and a.prompt_ids:
+            raise ValueError("give --prompt or --prompt-ids, not both")
+        if a.prompt_ids:
+            try:
+                a.prompt_ids_list = [int(x) for x in a.prompt_ids.split(",")]
+            except ValueError:
+                raise ValueError(f"--prompt-ids {a.prompt_ids!r}: expected comma-separated integers") from None
+    if a.cmd == "report":
+        check_new_file(a.out, a.overwrite, "--out")
+    if getattr(a, "placement", "linear") not in ("linear", "round_robin"):
+        f = Path(a.placement)
+        if not f.is_file():
+            raise FileNotFoundError(f"--placement {a.placement}: no such file (or use linear / round_robin)")
+        try:
+            a.placement = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--placement {f}: not valid JSON ({e})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,11 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": cmd_train, "demo": lambda a: cmd_train(a, demo=True), "generate": cmd_generate,
                 "status": cmd_status, "top": cmd_top, "report": cmd_report}
     try:
+        validate(a)
         return handlers[a.cmd](a)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"dsray {a.cmd}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except RuntimeError as e:
+    except (RuntimeError, ConnectionError, TimeoutError) as e:
         print(f"dsray {a.cmd}: failed: {e}", file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsray.jsonfile import read_json_object
+from dsray.files import read_json_object
 
 _TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 _SCORING = ("sigmoid", "softmax")
@@ -297,3 +297,68 @@ def resolve_config(spec: "str | os.PathLike | ModelConfig") -> ModelConfig:
         return ModelConfig.from_pretrained(p)
     raise ValueError(f"{spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing config path")
 
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Generation defaults of a checkpoint, read the way HF reads them: `generation_config.json` when the
+    folder has one, else the token ids of `config.json`. Explicit arguments to `generate` override.
+
+    HF's defaults apply to what the file leaves out: greedy unless `do_sample`; when sampling,
+    temperature 1.0, top_k 50, top_p 1.0. Rows that stop at an eos id are padded with `pad_token_id`,
+    or with the (first) eos id when the checkpoint names no pad token, as HF's `generate` does."""
+
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = 50
+    top_p: float | None = 1.0
+
+    FILE = "generation_config.json"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "generation config") -> "GenerationConfig":
+        eos = d.get("eos_token_id")
+        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [] if eos is None else [eos]))
+        top_k = d.get("top_k", 50)
+        out = cls(eos_token_id=eos_ids, pad_token_id=d.get("pad_token_id"), do_sample=bool(d.get("do_sample", False)),
+                  temperature=float(d.get("temperature", 1.0) if d.get("temperature") is not None else 1.0),
+                  top_k=None if not top_k else int(top_k), top_p=d.get("top_p", 1.0))
+        if out.temperature < 0 or (out.top_p is not None and not 0 < out.top_p <= 1):
+            raise ValueError(f"{where}: temperature={out.temperature}, top_p={out.top_p}: expected "
+                             "temperature >= 0 and top_p in (0, 1]")
+        return out
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, folder: str | os.PathLike | None = None) -> "GenerationConfig":
+        """The checkpoint's generation_config.json if `folder` has one, else `cfg`'s eos id."""
+        f = Path(folder) / cls.FILE if folder is not None else None
+        if f is not None and f.is_file():
+            return cls.from_dict(read_json_object(f, "generation config"), str(f))
+        return cls(eos_token_id=() if cfg.eos_token_id is None else (int(cfg.eos_token_id),))
+
+    def sampling(self, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None) -> tuple[float, int | None, float | None]:
+        """(temperature, top_k, top_p) for a call: explicit values win; 0 temperature means greedy."""
+        if temperature is None:
+            temperature = self.temperature if self.do_sample else 0.0
+        if temperature == 0:
+            return 0.0, None, None
+        return float(temperature), top_k if top_k is not None else self.top_k, top_p if top_p is not None else self.top_p
+
+    @property
+    def pad_id(self) -> int:
+        if self.pad_token_id is not None:
+            return int(self.pad_token_id)
+        return self.eos_token_id[0] if self.eos_token_id else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        eos = list(self.eos_token_id)
+        return {"eos_token_id": eos[0] if len(eos) == 1 else eos, "pad_token_id": self.pad_token_id,
+                "do_sample": self.do_sample, "temperature": self.temperature, "top_k": self.top_k or 0,
+                "top_p": self.top_p}
+
+
+# What dsray writes into checkpoints it saves when the source named no sampling defaults.
+DSRAY_SAMPLING = {"do_sample": True, "temperature": 0.8, "top_k": 0, "top_p": 0.95}

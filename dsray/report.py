@@ -13,12 +13,10 @@ matplotlib is an optional dependency (`pip install dsray[plot]`); it is imported
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from dsray.jsonfile import read_json_object
+from dsray.files import read_json_object, write_file_atomic
 
 STATS_FILE = "dsray_router.json"
 _REQUIRED = ("engine", "step", "moe_layers", "n_experts", "bias", "history")
@@ -186,16 +184,7 @@ def render_report(stats: dict[str, Any], out: Path | str, last_n: int | None = N
     else:
         _empty(ax_bias, "(d) final expert bias", "no MoE layers")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return write_file_atomic(out, lambda f: fig.savefig(f, format="png"))
 
 
 def _empty(ax, title: str, note: str) -> None:

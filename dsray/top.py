@@ -58,7 +58,7 @@ def _fmt(v: float | None, spec: str = ".3f") -> str:
     return "–" if v is None else format(v, spec)
 
 
-def render(stats: dict[str, Any], bar_width: int = 32) -> RenderableType:
+def render(stats: dict[str, Any], bar_width: int = 32, title: str = "dsray top") -> RenderableType:
     """Header (engine, step, placement version, tokens/s) and a table with one row per MoE layer."""
     hist = stats.get("history") or {}
     layers = list(stats.get("moe_layers") or [])
@@ -70,7 +70,7 @@ def render(stats: dict[str, Any], bar_width: int = 32) -> RenderableType:
     version = stats.get("placement_version", (stats.get("placement") or {}).get("version"))
 
     header = Text.assemble(
-        ("dsray top  ", "bold"),
+        (f"{title}  ", "bold"),
         ("engine ", "dim"), (str(stats.get("engine", "?")), "bold cyan"),
         ("   step ", "dim"), (str(stats.get("step", "?")), "bold"),
         ("   placement v", "dim"), (str(version if version is not None else "?"), "bold"),

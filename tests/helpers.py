@@ -55,7 +55,7 @@ def quantize_checkpoint_fp8(path) -> None:
 
     from safetensors.torch import load_file, save_file
 
-    from dsray.checkpoint import quantize_fp8_blockwise
+    from dsray.fp8 import quantize_fp8_blockwise
 
     state = load_file(path / "model.safetensors")
     out = {}

@@ -14,10 +14,8 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +23,9 @@ import numpy as np
 import torch
 
 from dsray.config import ModelConfig, resolve_config
-from dsray.jsonfile import read_json_object
+from dsray.files import read_json_object
 from dsray.parallel.placement import Placement
+from dsray.runtime.cluster import Resources, check_fits, connect, wait_placed
 from dsray.runtime.ranks import DTYPES, RankSpec
 
 log = logging.getLogger(__name__)
@@ -35,45 +34,6 @@ NAMESPACE = "dsray"
 
 def router_name(engine: str) -> str:
     return f"dsray-router-{engine}"
-
-
-@dataclass
-class Resources:
-    """What one rank asks Ray for: CPUs, GPUs and custom resources (e.g. {"node:10.0.0.5": 0.01})."""
-
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    resources: dict[str, float] = field(default_factory=dict)
-
-    def bundle(self) -> dict[str, float]:
-        b = {"CPU": self.num_cpus, **self.resources}
-        if self.num_gpus:
-            b["GPU"] = self.num_gpus
-        return {k: v for k, v in b.items() if v}
-
-
-def _as_resources(r: Resources | dict | None, device: str) -> Resources:
-    if isinstance(r, Resources):
-        return r
-    r = dict(r or {})
-    return Resources(num_cpus=r.pop("num_cpus", 1.0), num_gpus=r.pop("num_gpus", 1.0 if device == "cuda" else 0.0),
-                     resources=r.pop("resources", r))
-
-
-def ensure_ray(min_cpus: int = 1) -> bool:
-    """Join RAY_ADDRESS's cluster, or start an embedded local Ray. Returns True if we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-        return False
-    # Logical CPUs are scheduling tokens; ranks mostly wait in collectives, so the embedded Ray
-    # offers more than the cores (room for Engine.scale to add shards) and each rank uses 1 thread.
-    ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus, 32), include_dashboard=False, log_to_driver=True)
-    return True
 
 
 class Engine:
@@ -87,7 +47,8 @@ class Engine:
                  driver_resources: Resources | dict | None = None,
                  shard_resources: Resources | dict | list | None = None, strategy: str = "PACK",
                  step_timeout_s: float = 600.0, init_timeout_s: float = 300.0, metrics: bool = True,
-                 resume_optimizer: bool = True) -> None:
+                 resume_optimizer: bool = True, address: str | None = None,
+                 wait_for_nodes_s: float = 0.0) -> None:
         # ---- validate everything before any actor starts ----------------------------------------
         if num_drivers < 1:
             raise ValueError(f"num_drivers={num_drivers}: expected >= 1")
@@ -109,6 +70,7 @@ class Engine:
         self.cfg, self.name = config, name
         self._strategy = strategy
         self.D, self.S = num_drivers, num_shards
+        self.ray_how = "not started"
         self.device, self.dtype = device, dtype_name
         self.mtp_weight, self.lr = mtp_weight, lr
         self.step_timeout_s, self.init_timeout_s = step_timeout_s, init_timeout_s
@@ -124,13 +86,13 @@ class Engine:
         self.placement = self._placement(placement, shard_ranks, world) if self.S else None
         self.moe_layers = [layer for layer in config.moe_layers
                            if self.has_mtp or layer < config.num_hidden_layers]
-        drv_res = _as_resources(driver_resources, device)
+        drv_res = Resources.of(driver_resources, device)
         if isinstance(shard_resources, list):
             if len(shard_resources) != self.S:
                 raise ValueError(f"shard_resources has {len(shard_resources)} entries for num_shards={self.S}")
-            shard_res = [_as_resources(r, device) for r in shard_resources]
+            shard_res = [Resources.of(r, device) for r in shard_resources]
         else:
-            shard_res = [_as_resources(shard_resources, device)] * self.S
+            shard_res = [Resources.of(shard_resources, device)] * self.S
         if seq_aux_alpha < 0:
             raise ValueError(f"seq_aux_alpha={seq_aux_alpha}: expected >= 0 (DeepSeek-V3 used 1e-4; 0 disables)")
         self.seq_aux_alpha = seq_aux_alpha
@@ -158,21 +120,18 @@ class Engine:
         self.pg = None
         self._shard_res = shard_res
         self._extra_pgs: list = []
-        self._own_ray = ensure_ray(int(sum(b.num_cpus for b in [drv_res] * self.D + shard_res)) + 1)
+        self._broken = False
+        self._own_ray, how = connect(address, int(sum(b.num_cpus for b in [drv_res] * self.D + shard_res)) + 1)
+        log.info("dsray: %s", how)
+        self.ray_how = how
         atexit.register(self.shutdown)
         try:
-            try:
-                ray.get_actor(router_name(name), namespace=NAMESPACE)
+            if router_name(name) in named_actors():
                 raise ValueError(f"an engine named {name!r} is already running on this cluster; pick another name")
-            except ValueError as e:
-                if "already running" in str(e):
-                    raise
             bundles = [drv_res.bundle()] * self.D + [r.bundle() for r in shard_res]
+            check_fits(bundles, strategy, wait_for_nodes_s)
             self.pg = placement_group(bundles, strategy=strategy, name=f"dsray-{name}-{uuid.uuid4().hex[:6]}")
-            ready, _ = ray.wait([self.pg.ready()], timeout=init_timeout_s)
-            if not ready:
-                raise RuntimeError(f"placement group {bundles} ({strategy}) not placed within {init_timeout_s}s; "
-                                   f"cluster has {ray.available_resources()}")
+            wait_placed(self.pg, bundles, init_timeout_s)
             self._pg_strategy = PlacementGroupSchedulingStrategy
             for r, spec in enumerate(self._specs):
                 res = drv_res if r < self.D else shard_res[r - self.D]
@@ -248,6 +207,14 @@ class Engine:
         return p
 
     @property
+    def num_drivers(self) -> int:
+        return self.D
+
+    @property
+    def num_shards(self) -> int:
+        return self.S
+
+    @property
     def ranks(self) -> list:
         return self.drivers + self.shards
 
@@ -304,7 +271,7 @@ class Engine:
     def _check(self) -> None:
         if self._closed:
             raise RuntimeError(f"engine {self.name!r} is shut down")
-        if getattr(self, "_broken", False):
+        if self._broken:
             raise RuntimeError(f"engine {self.name!r} failed in an earlier step; shut it down and start again")
 
     def _ids(self, ids: torch.Tensor | list, min_len: int = 1) -> torch.Tensor:
@@ -371,14 +338,16 @@ class Engine:
         return torch.cat([r["logits"] for r in res if r["logits"] is not None])
 
     @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor | list, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+    def generate(self, input_ids: torch.Tensor | list, max_new_tokens: int, temperature: float | None = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | tuple | None = None,
                  seed: int | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Prompt + new ids. A [B, S] tensor gives a [B, S + n] tensor (rows that stop at eos are padded
         with eos); a list of prompts of any lengths gives a list of 1-D tensors in the same order.
         Greedy at temperature 0, else sampled (top-k / top-p; `seed` makes it repeatable for a given
         number of drivers)."""
         self._check()
+        temperature = 0.0 if temperature is None else temperature
+        eos_token_id = None if eos_token_id == () else eos_token_id
         as_list = isinstance(input_ids, (list, tuple))
         prompts = [self._ids(p)[0] for p in input_ids] if as_list else list(self._ids(input_ids))
         if not prompts:
@@ -545,12 +514,13 @@ class Engine:
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """HF folder (official key layout, bias = the Router's) + optimizer.safetensors + dsray_router.json."""
-        from dsray.checkpoint import save_checkpoint, save_tensors
+        from dsray.checkpoint import save_checkpoint
 
         self._check()
         path = Path(path)
-        if path.exists() and any(path.iterdir()) and not overwrite:
-            raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True)")
+        from dsray.files import check_checkpoint_target
+
+        check_checkpoint_target(path, overwrite)  # before the (long) gather
         parts = self._wait([self.drivers[0].export_state.remote()] + [s.export_state.remote() for s in self.shards],
                            self.step_timeout_s, "save")
         weights: dict[str, torch.Tensor] = {}
@@ -567,20 +537,18 @@ class Engine:
         conf = self.cfg.to_dict()
         conf["num_nextn_predict_layers"] = self.cfg.num_nextn_predict_layers if self.has_mtp else 0
         conf["torch_dtype"] = self.dtype
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            save_checkpoint(weights, tmp, conf, extra_json={
+        from dsray.checkpoint import staged_folder, write_part
+
+        with staged_folder(path, overwrite) as tmp:
+            save_checkpoint(weights, tmp / "model", conf, extra_json={
                 "dsray_router.json": stats,
                 "dsray_state.json": {"step": self._step, "optim_step": max(p["optim_step"] for p in parts),
                                      "engine": self.name, "num_drivers": self.D, "num_shards": self.S}})
+            for f in (tmp / "model").iterdir():
+                os.replace(f, tmp / f.name)
+            (tmp / "model").rmdir()
             if optim:
-                save_tensors(optim, tmp / "optimizer.safetensors")
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+                write_part(tmp / "optimizer.safetensors", optim)
         return path
 
     # ---- lifecycle ----------------------------------------------------------------------------------
@@ -591,7 +559,7 @@ class Engine:
         self._closed = True
         ray = self._ray
         try:
-            if graceful and not getattr(self, "_broken", False) and self.ranks:
+            if graceful and not self._broken and self.ranks:
                 waits = [a.shutdown.remote() for a in self.ranks]
                 if self.router is not None:
                     waits.append(self.router.flush_metrics.remote())
@@ -628,6 +596,13 @@ def _router_cls():
     from dsray.runtime.router import Router
 
     return Router
+
+
+def named_actors() -> set[str]:
+    """Names of the live named actors in dsray's namespace on the connected cluster."""
+    import ray
+
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a.get("namespace") == NAMESPACE}
 
 
 def attach_router(name: str):

@@ -9,10 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 import dsray.checkpoint as ckpt
-from dsray.checkpoint import (
-    CheckpointError, CheckpointReader, dequantize_fp8_blockwise, quantize_fp8_blockwise,
-    save_checkpoint, save_tensors,
-)
+from dsray.checkpoint import CheckpointError, CheckpointReader, save_checkpoint, save_tensors
+from dsray.fp8 import dequantize_fp8_blockwise, quantize_fp8_blockwise
 
 
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:

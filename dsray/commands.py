@@ -1,0 +1,199 @@
+"""What each `dsray` command does, once `dsray.cli` has parsed and validated its arguments."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def engine_kw(a: argparse.Namespace) -> dict[str, Any]:
+    return dict(num_drivers=a.drivers, num_shards=a.shards, device=a.device, dtype=a.dtype,
+                placement=a.placement, name=a.name, threads=a.threads, metrics=not a.no_metrics,
+                driver_resources={"num_cpus": a.cpus_per_rank}, shard_resources={"num_cpus": a.cpus_per_rank},
+                address=a.address, wait_for_nodes_s=a.wait_for_nodes)
+
+
+def tokenizer(checkpoint: Path | None, vocab_size: int):
+    """(encode, decode) of the checkpoint's tokenizer.json, else the byte tokenizer (dsray's own models)."""
+    if checkpoint is not None and (checkpoint / "tokenizer.json").exists():
+        from tokenizers import Tokenizer  # a dependency: a real checkpoint must not fall back to bytes
+
+        tok = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+        return (lambda s: tok.encode(s).ids), tok.decode
+    from dsray.data import ByteTokenizer
+
+    if vocab_size < ByteTokenizer.vocab_size:
+        raise ValueError(f"vocab_size={vocab_size} is too small for the byte tokenizer and the checkpoint has no "
+                         "tokenizer.json; pass --prompt-ids")
+    bt = ByteTokenizer()
+    return bt.encode, bt.decode
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    # A bar on a terminal; periodic log lines otherwise (job logs, CI), see train_loop.
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0,
+                disable=not sys.stderr.isatty())
+
+
+def train_loop(eng, batches, steps: int, log_every: int, desc: str, rebalance_every: int = 0,
+               replicas: int = 0) -> list[dict[str, Any]]:
+    history = []
+    bar = _progress(steps, desc)
+    try:
+        for i in range(steps):
+            if rebalance_every and i and i % rebalance_every == 0 and eng.num_shards > 1:
+                p = eng.rebalance(replicas)
+                hot = sorted(e for e in range(p.n_experts) if len(p.replicas(e)) > 1)
+                print(f"step {i}: placement v{p.version}, replicated experts {hot}", flush=True)
+            out = eng.train_step(batches.next_batch())
+            history.append(out)
+            mv = float(max(out["maxvio_batch"])) if len(out["maxvio_batch"]) else 0.0
+            bar.set_postfix(loss=f"{out['loss']:.3f}", maxvio=f"{mv:.2f}", tok_s=f"{out['tokens_per_s']:.0f}")
+            bar.update(1)
+            if not sys.stderr.isatty() and log_every and (i + 1) % log_every == 0:
+                print(f"step {out['step']:5d}  loss {out['loss']:.4f}  max MaxVio {mv:.3f}  "
+                      f"{out['tokens_per_s']:.0f} tok/s", flush=True)
+    finally:
+        bar.close()
+    return history
+
+
+def print_stats(stats: dict[str, Any], title: str) -> None:
+    from rich.console import Console
+
+    from dsray.top import render
+
+    Console().print(render(stats, title=title))
+
+
+def cmd_train(a: argparse.Namespace, demo: bool = False) -> int:
+    from dsray.config import resolve_config
+    from dsray.data import TextBatches, default_corpus_path
+    from dsray.runtime import Engine
+
+    data = Path(a.data) if a.data else default_corpus_path()
+    batches = TextBatches(data, seq_len=a.seq_len, batch_size=a.batch_size, seed=a.seed)
+    kw = engine_kw(a)
+    kw.update(gamma=a.gamma, lr=a.lr, clip_grad_norm=a.clip_grad, seq_aux_alpha=a.seq_aux_alpha)
+    if a.checkpoint:
+        eng = Engine.from_pretrained(a.checkpoint, **kw)
+    else:
+        eng = Engine.from_config(resolve_config(a.config or a.preset), seed=a.seed, **kw)
+    with eng:
+        print(f"dsray: {eng.ray_how}", flush=True)
+        print(f"dsray: engine {a.name!r}: {eng.num_drivers} driver rank(s) + {eng.num_shards} expert shard(s) on "
+              f"{a.device}, {eng.cfg.n_routed_experts} experts x {len(eng.moe_layers)} MoE layers, gamma={a.gamma}",
+              flush=True)
+        hist = train_loop(eng, batches, a.steps, a.log_every, "train", a.rebalance_every, a.replicas)
+        if hist:
+            k = max(1, len(hist) // 10)
+            first = sum(h["loss"] for h in hist[:k]) / k
+            last = sum(h["loss"] for h in hist[-k:]) / k
+            mv0 = max(hist[0]["maxvio_batch"])
+            mv1 = sum(max(h["maxvio_batch"]) for h in hist[-k:]) / k
+            print(f"loss {first:.3f} -> {last:.3f} (mean of first/last {k} steps); "
+                  f"max-layer MaxVio {mv0:.2f} -> {mv1:.2f}", flush=True)
+        stats = eng.stats()
+        print_stats(stats, "dsray train")
+        if a.save:
+            print(f"saved checkpoint to {eng.save(a.save, overwrite=a.overwrite)}", flush=True)
+        if a.report:
+            from dsray.report import render_report
+
+            print(f"wrote {render_report(stats, Path(a.report))}", flush=True)
+        enc, dec = tokenizer(None, eng.cfg.vocab_size) if demo else (None, None)
+    if demo and a.save:
+        print(f"\nreloading {a.save} with 1 driver + 2 shards and generating:", flush=True)
+        with Engine.from_pretrained(a.save, num_drivers=1, num_shards=2, name=a.name + "-gen",
+                                    metrics=False) as gen:
+            import torch
+
+            ids = torch.tensor([enc(a.prompt)])
+            out = gen.generate(ids, a.max_new_tokens, temperature=0.8, top_k=40, seed=a.seed)
+            print("-" * 60 + "\n" + a.prompt + dec(out[0, ids.shape[1]:].tolist()) + "\n" + "-" * 60)
+    return 0
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    import torch
+
+    from dsray.runtime import Engine
+
+    ckpt = Path(a.checkpoint)
+    with Engine.from_pretrained(ckpt, **engine_kw(a)) as eng:
+        texts = a.prompt or ["ROMEO:\n"]
+        if a.prompt_ids:
+            prompts, decode = [torch.tensor(a.prompt_ids_list)], None
+        else:
+            enc, decode = tokenizer(ckpt, eng.cfg.vocab_size)
+            prompts = [torch.tensor(enc(t)) for t in texts]
+        eos = () if a.no_eos else a.eos_token_id
+        t0 = time.perf_counter()
+        outs = eng.generate(prompts, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                            eos_token_id=eos, seed=a.seed)
+        dt = time.perf_counter() - t0
+        n_new = 0
+        for text, p, o in zip(texts, prompts, outs):
+            new = o[p.shape[0]:].tolist()
+            n_new += len(new)
+            print(text + decode(new) if decode else ",".join(map(str, o.tolist())))
+        print(f"[{n_new} tokens for {len(prompts)} prompt(s) in {dt:.2f}s, {n_new / dt:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def _router_stats(a: argparse.Namespace):
+    """(fetch function, shutdown) for a running engine's Router, found by name on the cluster."""
+    import ray
+
+    from dsray.runtime.cluster import connect
+    from dsray.runtime.engine import attach_router
+
+    connect(a.address)
+    try:
+        router = attach_router(a.name)
+    except BaseException:
+        ray.shutdown()
+        raise
+    return (lambda: ray.get(router.stats.remote(), timeout=30)), ray.shutdown
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    fetch, close = _router_stats(a)
+    try:
+        stats = fetch()
+        if a.json:
+            stats.pop("history", None)
+            print(json.dumps(stats))
+        else:
+            print_stats(stats, "dsray status")
+    finally:
+        close()
+    return 0
+
+
+def cmd_top(a: argparse.Namespace) -> int:
+    from dsray.top import fetch_metrics, run_top, stats_from_metrics
+
+    if a.metrics_url:  # no Ray client: the same view from the metrics the Router exports
+        run_top(lambda: stats_from_metrics(fetch_metrics(a.metrics_url), a.name), interval=a.interval,
+                iterations=a.iterations)
+        return 0
+    fetch, close = _router_stats(a)
+    try:
+        run_top(fetch, interval=a.interval, iterations=a.iterations)
+    finally:
+        close()
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from dsray.report import load_stats, render_report
+
+    print(f"wrote {render_report(load_stats(Path(a.run)), Path(a.out))}")
+    return 0
