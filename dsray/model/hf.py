@@ -76,7 +76,7 @@ def load_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype = torch.
     wanted: dict[str, tuple[str, ...]] = {}  # our name -> checkpoint keys it is made of
     shapes: dict[str, torch.Size] = {}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if name in ("rotary.inv_freq",) or name.endswith("tokens_per_expert"):
+        if name == "rotary.inv_freq":
             continue
         shapes[name] = t.shape
         m = EXPERT_PARAM.match(name)
@@ -120,8 +120,6 @@ def load_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype = torch.
     model.load_state_dict(state, strict=True, assign=True)
     with torch.no_grad():
         model.rotary.inv_freq = rope_frequencies(cfg)[0].to(device)
-        for m in model.moe_modules():
-            m.tokens_per_expert = torch.zeros(cfg.n_routed_experts, device=device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model

@@ -45,6 +45,20 @@ class LatentCache:
         return sum(t.numel() * t.element_size() for t in self.c_kv + self.k_pe)
 
 
+def attention_mask(start: int, end: int, n_keys: int, pad_B: torch.Tensor | None,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """Bool [B or 1, 1, end - start, n_keys]: query column start+i sees key columns <= start+i that are
+    not left padding. A padding query sees itself only (its output is never used; no all-masked row)."""
+    device = pad_B.device if pad_B is not None else device
+    q = torch.arange(start, end, device=device)[:, None]
+    k = torch.arange(n_keys, device=device)[None, :]
+    causal = k <= q
+    if pad_B is None:
+        return causal[None, None]
+    real = k[None] >= pad_B[:, None, None]
+    return ((causal[None] & real) | (k[None] == q[None]))[:, None]
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -70,13 +84,17 @@ class MLA(nn.Module):
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCache | None = None, layer: int = 0, start_pos: int = 0) -> torch.Tensor:
+                cache: LatentCache | None = None, layer: int = 0, start_pos: int = 0,
+                pad_B: torch.Tensor | None = None) -> torch.Tensor:
+        """cos/sin [S, R/2], or [B, S, R/2] for per-row positions. `pad_B`: left-padding columns per row
+        (batched prompts of different lengths); those keys are masked out for every query."""
         cfg = self.cfg
         B, S, _ = x_BSD.shape
         H, N, R, C, V = self.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
         q_BHSK = self._q(x_BSD).view(B, S, H, N + R).transpose(1, 2)
         q_nope, q_pe = q_BHSK.split([N, R], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin)
+        per_row = cos.dim() == 3
+        q_pe = apply_rope(q_pe, cos[:, None] if per_row else cos, sin[:, None] if per_row else sin)
         ckv_BSC, k_pe_BSR = self.kv_a_proj_with_mqa(x_BSD).split([C, R], dim=-1)
         ckv_BSC = self.kv_a_layernorm(ckv_BSC)
         k_pe_BSR = apply_rope(k_pe_BSR, cos, sin)  # one rope key shared by all heads (the "MQA" part)
@@ -86,7 +104,9 @@ class MLA(nn.Module):
             k_nope, v_BHSV = kv.split([N, V], dim=-1)
             q = torch.cat([q_nope, q_pe], dim=-1)
             k = torch.cat([k_nope, k_pe_BSR[:, None].expand(B, H, S, R)], dim=-1)
-            o_BHSV = F.scaled_dot_product_attention(q, k, v_BHSV, is_causal=S > 1, scale=self.scale)
+            mask = None if pad_B is None else attention_mask(0, S, S, pad_B)
+            o_BHSV = F.scaled_dot_product_attention(q, k, v_BHSV, attn_mask=mask, is_causal=S > 1 and mask is None,
+                                                    scale=self.scale)
             return self.o_proj(o_BHSV.transpose(1, 2).reshape(B, S, H * V))
 
         # Absorbed path: append this chunk's latents, then attend over the whole cached prefix.
@@ -102,10 +122,7 @@ class MLA(nn.Module):
         q_lat_BHSC = torch.einsum("bhsn,hnc->bhsc", q_nope, w_uk_HNC)
         scores = (torch.einsum("bhsc,blc->bhsl", q_lat_BHSC, ckv_BLC)
                   + torch.einsum("bhsr,blr->bhsl", q_pe, kpe_BLR)) * self.scale
-        # Causal over absolute positions: query at start_pos+i sees keys 0..start_pos+i.
-        qpos = torch.arange(start_pos, end, device=x_BSD.device)[:, None]
-        kpos = torch.arange(end, device=x_BSD.device)[None, :]
-        scores = scores.masked_fill(kpos > qpos, float("-inf"))
+        scores = scores.masked_fill(~attention_mask(start_pos, end, end, pad_B, x_BSD.device), float("-inf"))
         p = scores.float().softmax(dim=-1).to(x_BSD.dtype)
         o_lat_BHSC = torch.einsum("bhsl,blc->bhsc", p, ckv_BLC)
         o_BHSV = torch.einsum("bhsc,hvc->bhsv", o_lat_BHSC, w_uv_HVC)

@@ -1,24 +1,30 @@
 """Mixture-of-Experts: gate -> dispatch -> experts -> combine, plus shared experts.
 
 Shape legend: T tokens (batch x seq flattened), D hidden, K experts per token, E routed experts,
-I moe_intermediate_size, R routed rows (T*K assignments, grouped by expert).
+B sequences.
 
 Invariants worth restating:
 - The per-expert bias (`e_score_correction_bias`, DeepSeek-V3 auxiliary-loss-free balancing) only
   *selects* experts. The weights that scale expert outputs are the unbiased scores.
 - A group's score is the sum of its top-2 biased scores (noaux_tc), not its max.
-- Every MoE layer counts tokens per expert (`tokens_per_expert`) so balancing can run outside the model.
+- Routing replay (RL): given recorded ids, the experts are those ids while the weights are recomputed
+  from the live scores, so gradients still reach the gate.
+- What a forward learns about routing (per-expert counts, balance-loss terms, the chosen ids) goes into
+  the `RouteLog` the caller passed and comes back to it; nothing is parked on the modules.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsray.config import ModelConfig
+from dsray.model.dispatch import Dispatcher, LocalDispatcher
+from dsray.model.experts import RoutedExperts
 
 
 class MLP(nn.Module):
@@ -35,7 +41,7 @@ class MLP(nn.Module):
 
 
 class Gate(nn.Module):
-    """Routing scores -> (weights_TK, ids_TK). Weight and bias are fp32 whatever the model dtype."""
+    """Routing scores -> (weights_TK, ids_TK, scores_TE). Weight and bias are fp32 whatever the model dtype."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -44,104 +50,53 @@ class Gate(nn.Module):
         # Buffer, not parameter: it is never trained by gradients, only nudged by the balancing rule.
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
-    def forward(self, x_TD: torch.Tensor, return_scores: bool = False):
-        """(weights_TK, ids_TK), plus the unbiased scores_TE when asked (the balance loss needs them)."""
+    def forward(self, x_TD: torch.Tensor, replay_TK: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         T, E, G, K = x_TD.shape[0], cfg.n_routed_experts, cfg.n_group, cfg.num_experts_per_tok
         logits_TE = F.linear(x_TD.float(), self.weight.float())
         scores_TE = logits_TE.sigmoid() if cfg.scoring_func == "sigmoid" else logits_TE.softmax(dim=-1)
-        choice_TE = scores_TE
-        if cfg.topk_method == "noaux_tc":
-            choice_TE = scores_TE + self.e_score_correction_bias  # bias selects, never weighs
-        if cfg.topk_method in ("noaux_tc", "group_limited_greedy") and G > 1:
-            grouped = choice_TE.view(T, G, E // G)
+        if replay_TK is not None:
+            ids_TK = replay_TK.to(device=x_TD.device, dtype=torch.int64)
+        else:
+            choice_TE = scores_TE
             if cfg.topk_method == "noaux_tc":
-                group_score_TG = grouped.topk(2, dim=-1).values.sum(dim=-1)
-            else:
-                group_score_TG = grouped.amax(dim=-1)
-            keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
-            keep_TG.scatter_(1, group_score_TG.topk(cfg.topk_group, dim=-1, sorted=False).indices, True)
-            choice_TE = choice_TE.masked_fill(~keep_TG[:, :, None].expand(T, G, E // G).reshape(T, E), float("-inf"))
-        ids_TK = choice_TE.topk(K, dim=-1, sorted=False).indices
+                choice_TE = scores_TE + self.e_score_correction_bias  # bias selects, never weighs
+            if cfg.topk_method in ("noaux_tc", "group_limited_greedy") and G > 1:
+                grouped = choice_TE.view(T, G, E // G)
+                if cfg.topk_method == "noaux_tc":
+                    group_score_TG = grouped.topk(2, dim=-1).values.sum(dim=-1)
+                else:
+                    group_score_TG = grouped.amax(dim=-1)
+                keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
+                keep_TG.scatter_(1, group_score_TG.topk(cfg.topk_group, dim=-1, sorted=False).indices, True)
+                choice_TE = choice_TE.masked_fill(~keep_TG[:, :, None].expand(T, G, E // G).reshape(T, E),
+                                                  float("-inf"))
+            ids_TK = choice_TE.topk(K, dim=-1, sorted=False).indices
         weights_TK = scores_TE.gather(1, ids_TK)
         if cfg.norm_topk_prob and K > 1:
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        if return_scores:
-            return weights_TK * cfg.routed_scaling_factor, ids_TK, scores_TE
-        return weights_TK * cfg.routed_scaling_factor, ids_TK
+        return weights_TK * cfg.routed_scaling_factor, ids_TK, scores_TE
 
 
-class RoutedExperts(nn.Module):
-    """E SwiGLU experts with stacked weights; rows arrive grouped by expert (`counts[e]` rows each).
+@dataclass
+class RouteLog:
+    """Routing facts of one forward call, appended by each MoE layer in forward order (main layers,
+    then MTP blocks). Pass one per call (and per micro-batch); read it after the call."""
 
-    Two interchangeable implementations with one signature, tested against each other:
-    "loop" (readable reference) and "grouped" (`torch._grouped_mm` on CUDA, batched bmm elsewhere).
-    """
+    seq_aux_alpha: float = 0.0  # > 0 (with grad): DeepSeek-V3's sequence-wise balance loss terms
+    record: bool = False  # keep each layer's ids_TK (rollout routing for RL)
+    replay: Sequence[torch.Tensor] | None = None  # per MoE layer: ids_TK to use instead of the gate's choice
+    counts: list[torch.Tensor] = field(default_factory=list)  # per layer [E]: assignments of valid tokens
+    balance: list[torch.Tensor] = field(default_factory=list)  # per layer [B]
+    ids: list[torch.Tensor] = field(default_factory=list)  # per layer [T, K] when `record`
 
-    def __init__(self, n_experts: int, dim: int, inter: int, impl: str = "grouped") -> None:
-        super().__init__()
-        self.gate_proj = nn.Parameter(torch.empty(n_experts, inter, dim))
-        self.up_proj = nn.Parameter(torch.empty(n_experts, inter, dim))
-        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter))
-        self.impl = impl
+    def counts_LE(self) -> torch.Tensor:
+        return torch.stack(self.counts) if self.counts else torch.zeros(0, 0)
 
-    @property
-    def n_experts(self) -> int:
-        return self.gate_proj.shape[0]
-
-    def forward(self, x_RD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        assert len(counts) == self.n_experts and sum(counts) == x_RD.shape[0], (counts, x_RD.shape)
-        if self.impl == "loop":
-            return self._loop(x_RD, counts)
-        if hasattr(torch, "_grouped_mm") and x_RD.shape[0] and self._grouped_mm_ok(x_RD):
-            return self._grouped_mm(x_RD, counts)
-        return self._batched(x_RD, counts)
-
-    def _grouped_mm_ok(self, x_RD: torch.Tensor) -> bool:
-        if x_RD.is_cuda:
-            return x_RD.dtype == torch.bfloat16
-        # CPU (torch 2.13): forward only, and only with 16-byte-aligned rows; its backward fails.
-        needs_grad = torch.is_grad_enabled() and (x_RD.requires_grad or self.gate_proj.requires_grad)
-        row_bytes = {x_RD.shape[1] * x_RD.element_size(), self.gate_proj.shape[1] * x_RD.element_size()}
-        return not needs_grad and x_RD.dtype == torch.float32 and all(b % 16 == 0 for b in row_bytes)
-
-    def _loop(self, x_RD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        outs = []
-        for e, x in enumerate(x_RD.split(counts)):
-            h = F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e])
-            outs.append(F.linear(h, self.down_proj[e]))
-        return torch.cat(outs) if outs else _empty_rows(x_RD)
-
-    def _grouped_mm(self, x_RD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        offs = torch.tensor(counts, device=x_RD.device).cumsum(0).to(torch.int32)
-        gate = torch._grouped_mm(x_RD, self.gate_proj.transpose(-2, -1), offs=offs)
-        up = torch._grouped_mm(x_RD, self.up_proj.transpose(-2, -1), offs=offs)
-        return torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offs)
-
-    def _batched(self, x_RD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        # Pad each expert's rows to the largest group and run three bmm's: [E, Cmax, D] x [E, D, I].
-        E, cmax = self.n_experts, max(counts, default=0)
-        if cmax == 0:
-            return _empty_rows(x_RD)
-        counts_E = torch.tensor(counts, device=x_RD.device)
-        expert_R = torch.repeat_interleave(torch.arange(E, device=x_RD.device), counts_E)
-        starts_E = torch.cumsum(counts_E, 0) - counts_E
-        slot_R = torch.arange(x_RD.shape[0], device=x_RD.device) - starts_E[expert_R]
-        flat_R = expert_R * cmax + slot_R
-        xp = x_RD.new_zeros(E * cmax, x_RD.shape[1]).index_copy(0, flat_R, x_RD).view(E, cmax, -1)
-        h = F.silu(torch.bmm(xp, self.gate_proj.transpose(1, 2))) * torch.bmm(xp, self.up_proj.transpose(1, 2))
-        y = torch.bmm(h, self.down_proj.transpose(1, 2))
-        return y.reshape(E * cmax, -1).index_select(0, flat_R)
-
-
-def _empty_rows(x_RD: torch.Tensor) -> torch.Tensor:
-    # Zero rows, but still in x_RD's autograd graph: expert parallelism runs backward collectives through
-    # this node on ranks that received nothing, so it must exist (in and out width are both D).
-    return x_RD[:0] * 0
-
-
-# The routed path: (x_TD, weights_TK, ids_TK) -> y_TD. Expert parallelism swaps in its own.
-RoutedFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    def routing(self, batch: int) -> torch.Tensor:
+        """Recorded ids as [B, S, n_layers, K] (logical expert ids)."""
+        return torch.stack(self.ids, dim=1).view(batch, -1, len(self.ids), self.ids[0].shape[-1])
 
 
 class MoE(nn.Module):
@@ -149,34 +104,46 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.gate = Gate(cfg)
-        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, impl)
+        self.experts: RoutedExperts | None = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size,
+                                                           cfg.moe_intermediate_size, impl)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
-        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
-        self.routed: RoutedFn | None = None  # None: run self.experts in this process
-        # DeepSeek-V3's complementary sequence-wise balance loss (alpha 0: off). Set by Transformer.loss;
-        # the per-sequence terms of the last forward land in `balance_loss_B`.
-        self.seq_aux_alpha = 0.0
-        self.balance_loss_B: torch.Tensor | None = None
+        # Local by default; expert parallelism (dsray.parallel.ep.apply_ep) swaps in its own.
+        self.dispatcher: Dispatcher = LocalDispatcher(cfg.n_routed_experts)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x_TD = x.reshape(-1, shape[-1])
-        if self.seq_aux_alpha > 0 and torch.is_grad_enabled() and len(shape) == 3:
-            weights_TK, ids_TK, scores_TE = self.gate(x_TD, return_scores=True)
-            self.balance_loss_B = self.seq_balance_loss(scores_TE, ids_TK, shape[0])
-        else:
-            weights_TK, ids_TK = self.gate(x_TD)
-            self.balance_loss_B = None
-        with torch.no_grad():
-            self.tokens_per_expert += torch.bincount(ids_TK.flatten(), minlength=self.cfg.n_routed_experts)
-        routed = self.routed or self.local_routed
-        y_TD = routed(x_TD, weights_TK, ids_TK)
+    def forward(self, x: torch.Tensor, log: RouteLog | None = None, valid: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        x_TD = x.reshape(-1, x.shape[-1])
+        valid_T = None if valid is None else valid.reshape(-1)
+        replay = log.replay[len(log.counts)] if log is not None and log.replay is not None else None
+        if replay is not None:
+            replay = replay.reshape(-1, self.cfg.num_experts_per_tok)
+        weights_TK, ids_TK, scores_TE = self.gate(x_TD, replay)
+        if log is not None:
+            self._record(log, ids_TK, scores_TE, valid_T, x.shape[0] if x.dim() == 3 else 1)
+        y_TD = self.routed(x_TD, weights_TK, ids_TK, valid_T)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
-        return y_TD.view(shape)
+        return y_TD.view(x.shape)
 
-    def seq_balance_loss(self, scores_TE: torch.Tensor, ids_TK: torch.Tensor, B: int) -> torch.Tensor:
+    def routed(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor,
+               valid_T: torch.Tensor | None = None) -> torch.Tensor:
+        x_RD, counts, meta = self.dispatcher.dispatch(x_TD, weights_TK, ids_TK, valid_T)
+        y_RD = self.experts(x_RD, counts) if self.experts is not None else x_RD[:0] * 0
+        return self.dispatcher.combine(y_RD, meta)
+
+    def _record(self, log: RouteLog, ids_TK: torch.Tensor, scores_TE: torch.Tensor, valid_T: torch.Tensor | None,
+                B: int) -> None:
+        E = self.cfg.n_routed_experts
+        with torch.no_grad():
+            counted = ids_TK if valid_T is None else ids_TK[valid_T.to(ids_TK.device)]
+            log.counts.append(torch.bincount(counted.flatten(), minlength=E))
+        if log.record:
+            log.ids.append(ids_TK.detach())
+        if log.seq_aux_alpha > 0 and torch.is_grad_enabled():
+            log.balance.append(self.seq_balance_loss(scores_TE, ids_TK, B, log.seq_aux_alpha))
+
+    def seq_balance_loss(self, scores_TE: torch.Tensor, ids_TK: torch.Tensor, B: int, alpha: float) -> torch.Tensor:
         """alpha * sum_i f_i * P_i per sequence (DeepSeek-V3 eq. 17-20): f_i = E/(K*S) * #tokens of the
         sequence routed to i (a constant), P_i = mean over the sequence of normalised scores s_i/sum_j s_j."""
         E, K = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
@@ -186,25 +153,4 @@ class MoE(nn.Module):
                 1, ids_TK.reshape(B, S * K), torch.ones(B, S * K, device=ids_TK.device))
             f_BE = hits_BE * (E / (K * S))
         p_BE = (scores_TE / scores_TE.sum(dim=-1, keepdim=True)).view(B, S, E).mean(dim=1)
-        return self.seq_aux_alpha * (f_BE * p_BE).sum(dim=-1)
-
-    def local_routed(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
-        T, K = ids_TK.shape
-        order_R = ids_TK.flatten().argsort(stable=True)  # assignment (t, k) -> row, grouped by expert
-        counts = torch.bincount(ids_TK.flatten(), minlength=self.experts.n_experts).tolist()  # host sync
-        y_RD = self.experts(x_TD[order_R // K], counts)
-        y_TKD = torch.empty_like(y_RD).index_copy(0, order_R, y_RD).view(T, K, -1)
-        return combine_weighted(y_TKD, weights_TK)
-
-    def pop_counts(self) -> torch.Tensor:
-        c = self.tokens_per_expert.clone()
-        self.tokens_per_expert.zero_()
-        return c
-
-
-def combine_weighted(y_TKD: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-    """Sum over k of weights_TK[t, k] * y_TKD[t, k] as one batched GEMV ([T,1,K] x [T,K,D]).
-
-    The matmul accumulates in fp32 inside the kernel and reads y_TKD once; an fp32 copy of y_TKD
-    (T*K*D*4 bytes, 1.9 GB for 8192 V3 tokens) would cost more than the expert GEMMs' epilogue."""
-    return torch.bmm(weights_TK.to(y_TKD.dtype)[:, None, :], y_TKD)[:, 0]
+        return alpha * (f_BE * p_BE).sum(dim=-1)

@@ -80,11 +80,12 @@ class Rotary(nn.Module):
         inv_freq, self.attention_factor = rope_frequencies(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, positions_S: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions_S[:, None].float() * self.inv_freq[None, :].to(positions_S.device)
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [S] -> cos/sin [S, rope/2]; per-row positions [B, S] -> [B, S, rope/2]."""
+        freqs = positions[..., None].float() * self.inv_freq.to(positions.device)
         cos = (freqs.cos() * self.attention_factor).to(dtype)
         sin = (freqs.sin() * self.attention_factor).to(dtype)
-        return cos, sin  # [S, rope/2] each
+        return cos, sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

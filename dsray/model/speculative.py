@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import torch
 
+from dsray.model.decode import Sampling, apply_eos
 from dsray.model.mla import LatentCache
-from dsray.model.transformer import DecoderLayer, Transformer
+from dsray.model.transformer import Transformer
 
 
 def mtp_step(model: Transformer, h_BPD: torch.Tensor, next_ids_BP: torch.Tensor, cache: LatentCache,
@@ -30,23 +31,21 @@ def mtp_step(model: Transformer, h_BPD: torch.Tensor, next_ids_BP: torch.Tensor,
     """Logits [B, P, V] of MTP block `depth` at positions start_pos..start_pos+P-1, with its own cache.
 
     h_BPD are the main model's final-normed hidden states at those positions and next_ids_BP the tokens
-    one position later. Same math as `MTPBlock.forward`, which takes no cache, so the input projection
-    is spelled out here and the decoder layer is called through the parent class."""
+    one position later."""
     block = model.mtp[depth]
-    emb_BPD = model.model.embed_tokens(next_ids_BP)
-    x_BPD = block.eh_proj(torch.cat([block.enorm(emb_BPD), block.hnorm(h_BPD)], dim=-1))
-    pos = torch.arange(start_pos, start_pos + x_BPD.shape[1], device=x_BPD.device)
-    cos, sin = model.rotary(pos, x_BPD.dtype)
-    x_BPD = DecoderLayer.forward(block, x_BPD, cos, sin, cache, 0, start_pos)
+    pos = torch.arange(start_pos, start_pos + h_BPD.shape[1], device=h_BPD.device)
+    cos, sin = model.rotary(pos, h_BPD.dtype)
+    x_BPD = block(h_BPD, model.model.embed_tokens(next_ids_BP), cos, sin, cache, start_pos)
     return model.lm_head(block.shared_head.norm(x_BPD))
 
 
 @torch.inference_mode()
 def speculative_generate(model: Transformer, input_ids: torch.Tensor, max_new_tokens: int,
-                         eos_token_id: int | None = None) -> tuple[torch.Tensor, dict]:
+                         eos_token_id: int | tuple[()] | None = None) -> tuple[torch.Tensor, dict]:
     """Greedy decoding with one MTP draft per main pass; returns (prompt + new ids, stats).
 
-    The ids equal `model.generate(input_ids, max_new_tokens, eos_token_id=eos_token_id)`. All rows share
+    The ids equal `model.generate(input_ids, max_new_tokens, eos_token_id=eos_token_id)` (None: the
+    config's eos id, (): none), finished rows padded with the eos id. All rows share
     one cache position, so a draft is accepted only if every row accepts it (rows already at EOS always
     do). Stats: main_passes counts every main-model forward including the prefill (plain greedy needs
     one per new token); drafted/accepted count verified drafts (one per pass for the whole batch);
@@ -69,11 +68,15 @@ def speculative_generate(model: Transformer, input_ids: torch.Tensor, max_new_to
     done_B = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     out = [input_ids]
 
+    if eos_token_id is None:
+        eos_token_id = model.cfg.eos_token_id
+    eos_token_id = None if eos_token_id == () else eos_token_id
+    rule = Sampling(eos_token_id=() if eos_token_id is None else (eos_token_id,),
+                    pad_token_id=eos_token_id if eos_token_id is not None else 0)
+
     def commit(tok_B: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        # generate()'s EOS rule: finished rows keep emitting EOS; stop once every row has finished.
-        if eos_token_id is not None:
-            tok_B = torch.where(done_B, torch.full_like(tok_B, eos_token_id), tok_B)
-            done_B.logical_or_(tok_B == eos_token_id)
+        # generate()'s eos rule (finished rows emit the pad id, here the eos id); stop once all have finished.
+        tok_B = apply_eos(tok_B, done_B, rule)
         out.append(tok_B[:, None])
         n_new = len(out) - 1
         return tok_B, n_new == max_new_tokens or (eos_token_id is not None and bool(done_B.all()))  # host sync
@@ -90,8 +93,8 @@ def speculative_generate(model: Transformer, input_ids: torch.Tensor, max_new_to
         feed_BK = tok_B[:, None]
         if draft:
             d_B = mtp_step(model, h_pend_BPD, next_pend_BP, mtp_cache, mtp_pos)[:, -1].argmax(dim=-1)
-            if eos_token_id is not None:  # finished rows feed EOS, as in generate(); their draft is EOS
-                d_B = torch.where(done_B, torch.full_like(d_B, eos_token_id), d_B)
+            # finished rows feed the pad id, as in generate(); their draft is the pad id
+            d_B = torch.where(done_B, torch.full_like(d_B, rule.pad_token_id), d_B)
             feed_BK = torch.stack([tok_B, d_B], dim=1)
         _, h_BKD = model.hidden(feed_BK, cache, m)
         stats["main_passes"] += 1

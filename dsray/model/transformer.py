@@ -10,13 +10,16 @@ Shape legend: B batch, S sequence, D hidden, V vocab.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsray.config import ModelConfig
+from dsray.model.decode import Decoding, Sampling
 from dsray.model.mla import MLA, LatentCache
-from dsray.model.moe import MLP, MoE
+from dsray.model.moe import MLP, MoE, RouteLog
 from dsray.model.rope import RMSNorm, Rotary
 
 
@@ -31,9 +34,12 @@ class DecoderLayer(nn.Module):
                                else MLP(cfg.hidden_size, cfg.intermediate_size))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCache | None = None, cache_slot: int = 0, start_pos: int = 0) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, cache_slot, start_pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
+                cache: LatentCache | None = None, cache_slot: int = 0, start_pos: int = 0,
+                log: RouteLog | None = None, pad_B: torch.Tensor | None = None,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, cache_slot, start_pos, pad_B)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, log, valid) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 class SharedHead(nn.Module):
@@ -55,9 +61,10 @@ class MTPBlock(DecoderLayer):
         self.shared_head = SharedHead(cfg)
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos: torch.Tensor,  # type: ignore[override]
-                sin: torch.Tensor) -> torch.Tensor:
+                sin: torch.Tensor, cache: LatentCache | None = None, start_pos: int = 0,
+                log: RouteLog | None = None) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
-        return super().forward(x, cos, sin)
+        return super().forward(x, cos, sin, cache, 0, start_pos, log)
 
 
 class Backbone(nn.Module):
@@ -100,7 +107,6 @@ class Transformer(nn.Module):
         model.init_weights(seed)
         for m in model.moe_modules():
             m.gate.e_score_correction_bias.zero_()
-            m.tokens_per_expert.zero_()
         model.rotary.inv_freq = rope_frequencies(cfg)[0].to(device)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
@@ -126,7 +132,6 @@ class Transformer(nn.Module):
         """Router weights and bias stay fp32 in every model dtype (as in HF and the V3 reference)."""
         for m in self.moe_modules():
             m.gate.float()
-            m.tokens_per_expert.data = m.tokens_per_expert.float()
         self.rotary.inv_freq.data = self.rotary.inv_freq.float()
         return self
 
@@ -151,29 +156,33 @@ class Transformer(nn.Module):
         layers = list(self.model.layers) + list(self.mtp)
         return [layer.mlp for layer in layers if isinstance(layer.mlp, MoE)]
 
-    def pop_expert_counts(self) -> torch.Tensor:
-        """[n_moe_layers, E] tokens routed per expert since the last pop (forward order of moe_modules)."""
-        mods = self.moe_modules()
-        if not mods:
-            return torch.zeros(0, 0)
-        return torch.stack([m.pop_counts() for m in mods])
+    def hidden(self, input_ids_BS: torch.Tensor, cache: LatentCache | None = None, start_pos: int = 0,
+               log: RouteLog | None = None, pad_B: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pre-norm last hidden state, final-normed hidden state), both [B, S, D].
 
-    def hidden(self, input_ids_BS: torch.Tensor, cache: LatentCache | None = None,
-               start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pre-norm last hidden state, final-normed hidden state), both [B, S, D]."""
+        `pad_B` (left padding per row of a batched prompt): row b's columns < pad_B[b] are padding; each
+        row's positions start at its first real column, padding keys are masked and padding tokens are
+        routed to no expert."""
         S = input_ids_BS.shape[1]
         x = self.model.embed_tokens(input_ids_BS)
         pos = torch.arange(start_pos, start_pos + S, device=input_ids_BS.device)
+        valid = None
+        if pad_B is not None:
+            pos = pos[None] - pad_B[:, None]
+            valid = pos >= 0
+            pos = pos.clamp_min(0)
         cos, sin = self.rotary(pos, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, cache, i, start_pos)
+            x = layer(x, cos, sin, cache, i, start_pos, log, pad_B, valid)
         return x, self.model.norm(x)
 
-    def forward(self, input_ids_BS: torch.Tensor, cache: LatentCache | None = None,
-                start_pos: int = 0) -> torch.Tensor:
-        return self.lm_head(self.hidden(input_ids_BS, cache, start_pos)[1])
+    def forward(self, input_ids_BS: torch.Tensor, cache: LatentCache | None = None, start_pos: int = 0,
+                log: RouteLog | None = None, pad_B: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden(input_ids_BS, cache, start_pos, log, pad_B)[1])
 
-    def mtp_logits(self, input_ids_BS: torch.Tensor, h_BSD: torch.Tensor) -> list[torch.Tensor]:
+    def mtp_logits(self, input_ids_BS: torch.Tensor, h_BSD: torch.Tensor, log: RouteLog | None = None
+                   ) -> list[torch.Tensor]:
         """Logits of each MTP depth k: position i predicts token i+k+1; depth k has S-k positions.
 
         h_BSD is the main model's final-normed hidden state (what the V3 MTP modules consume)."""
@@ -185,39 +194,26 @@ class Transformer(nn.Module):
                 break
             pos = torch.arange(S, device=h.device)
             cos, sin = self.rotary(pos, h.dtype)
-            h = block(h[:, :S], emb[:, k:k + S], cos, sin)
+            h = block(h[:, :S], emb[:, k:k + S], cos, sin, log=log)
             out.append(self.lm_head(block.shared_head.norm(h)))
         return out
 
     def loss(self, input_ids_BS: torch.Tensor, mtp_weight: float = 0.3, n_tokens: int | None = None,
-             seq_aux_alpha: float = 0.0, n_sequences: int | None = None) -> dict[str, torch.Tensor]:
+             seq_aux_alpha: float = 0.0, n_sequences: int | None = None, log: RouteLog | None = None
+             ) -> dict[str, torch.Tensor]:
         """Next-token cross entropy (+ MTP, + the sequence-wise balance loss when seq_aux_alpha > 0).
         Sums are divided by `n_tokens` / `n_sequences` (default: this batch's), so data-parallel ranks
-        can pass the global counts and simply add gradients."""
-        moes = self.moe_modules()
-        for m in moes:
-            m.seq_aux_alpha = seq_aux_alpha
-        try:
-            out = self._loss(input_ids_BS, mtp_weight, n_tokens)
-        finally:
-            for m in moes:
-                m.seq_aux_alpha = 0.0
-        if seq_aux_alpha > 0 and moes:
-            per_seq = [m.balance_loss_B for m in moes if m.balance_loss_B is not None]
-            n_seq = n_sequences if n_sequences is not None else input_ids_BS.shape[0]
-            out["balance_loss"] = torch.stack([b.sum() for b in per_seq]).sum() / n_seq
-            out["total"] = out["total"] + out["balance_loss"]
-        return out
-
-    def _loss(self, input_ids_BS: torch.Tensor, mtp_weight: float, n_tokens: int | None) -> dict[str, torch.Tensor]:
-        _, h = self.hidden(input_ids_BS)
+        can pass the global counts and simply add gradients. `counts` [L, E]: tokens per expert."""
+        log = log if log is not None else RouteLog()
+        log.seq_aux_alpha = seq_aux_alpha
+        _, h = self.hidden(input_ids_BS, log=log)
         logits = self.lm_head(h)
         V = logits.shape[-1]
         tgt = input_ids_BS[:, 1:]
         n = n_tokens if n_tokens is not None else tgt.numel()
         main = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), tgt.reshape(-1), reduction="sum") / n
-        out = {"loss": main}
-        mtp = self.mtp_logits(input_ids_BS, h)
+        out = {"loss": main, "total": main}
+        mtp = self.mtp_logits(input_ids_BS, h, log)
         if mtp:
             terms = []
             for k, lg in enumerate(mtp, start=1):
@@ -227,8 +223,11 @@ class Transformer(nn.Module):
                              / max(n, 1))
             out["mtp_loss"] = torch.stack(terms).mean()
             out["total"] = main + mtp_weight * out["mtp_loss"]
-        else:
-            out["total"] = main
+        if log.balance:
+            n_seq = n_sequences if n_sequences is not None else input_ids_BS.shape[0]
+            out["balance_loss"] = torch.stack([b.sum() for b in log.balance]).sum() / n_seq
+            out["total"] = out["total"] + out["balance_loss"]
+        out["counts"] = log.counts_LE()
         return out
 
     # ---- generation ----------------------------------------------------------------------------------
@@ -237,24 +236,23 @@ class Transformer(nn.Module):
         return LatentCache.allocate(self.cfg, self.cfg.num_hidden_layers, batch, max_len, p.dtype, p.device)
 
     @torch.inference_mode()
-    def generate(self, input_ids_BS: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-                 seed: int | None = None) -> torch.Tensor:
-        """Greedy (temperature 0) or sampled decoding with the latent cache; returns prompt + new ids."""
-        from dsray.model.sampling import sample_next
+    def generate(self, input_ids: torch.Tensor | list[torch.Tensor], max_new_tokens: int,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
+                 pad_token_id: int | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """Greedy (temperature 0) or sampled decoding with the latent cache; prompt + new ids.
 
-        B, S = input_ids_BS.shape
-        cache = self.new_cache(B, S + max_new_tokens)
-        gen = torch.Generator(device=input_ids_BS.device).manual_seed(seed) if seed is not None else None
-        logits = self.forward(input_ids_BS, cache, 0)[:, -1]
-        out, done = [input_ids_BS], torch.zeros(B, dtype=torch.bool, device=input_ids_BS.device)
-        for step in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, top_p, gen)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done |= nxt == eos_token_id
-            out.append(nxt[:, None])
-            if step + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):  # host sync
-                break
-            logits = self.forward(nxt[:, None], cache, S + step)[:, -1]
-        return torch.cat(out, dim=1)
+        A [B, S] tensor gives [B, S + n] (rows that finished early padded with `pad_token_id`, default the
+        eos id, as HF pads); a list of 1-D prompts of any lengths decodes as one left-padded batch and
+        gives a list (each row cut after its first eos). `eos_token_id` None: the config's eos id;
+        () or []: never stop early."""
+        if eos_token_id is None:
+            eos_token_id = () if self.cfg.eos_token_id is None else (self.cfg.eos_token_id,)
+        eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
+        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        s = Sampling(temperature, top_k, top_p, eos, pad)
+        as_list = isinstance(input_ids, (list, tuple))
+        d = Decoding(list(input_ids) if as_list else list(input_ids), max_new_tokens, s, self.new_cache, seed=seed)
+        while not d.finished:
+            d.step(lambda feed, pos, pad_B, log: self.forward(feed, d.cache, pos, log, pad_B)[:, -1])
+        return d.rows() if as_list else d.tokens()

@@ -1,20 +1,35 @@
-"""Expert parallelism glue: the routed path for token ranks and the lockstep pass for expert ranks.
+"""Expert parallelism applied to a model: one context object, one lockstep rule, one factory.
 
-Every rank of the group runs the MoE layers in the same order and meets the others only in the
-dispatcher's collectives. Token ranks (drivers) plug `EPRouted` into each `MoE.routed`; ranks without
-tokens (expert shards, idle drivers) run `expert_pass`, which walks the same layers with an empty
-[0, D] hidden state so that forward and backward collectives line up on every rank.
+Every rank of the group runs the same MoE layers in the same order and meets the others only in the
+dispatcher's collectives. Token ranks (drivers) run their `Transformer` with `apply_ep(model, ctx)`:
+each MoE layer's dispatcher becomes the all-to-all one and its routed experts leave the driver. Ranks
+without tokens (expert shards, drivers with nothing to do) run `expert_pass`, which walks the same layers
+with an empty [0, D] hidden state so that forward and backward collectives line up on every rank.
+Which layers those are is decided by `lockstep_layers`, and only there: two ranks that disagreed would
+hang in a collective.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
-from dsray.model.moe import RoutedExperts, combine_weighted
+from dsray.config import ModelConfig
+from dsray.model.experts import RoutedExperts
+from dsray.parallel.dispatch import AllToAllDispatcher
+from dsray.parallel.placement import Placement
+
+
+def lockstep_layers(cfg: ModelConfig, has_mtp: bool, training: bool) -> list[int]:
+    """Checkpoint indices of the MoE layers all ranks run, in forward order. Training runs the MTP
+    blocks too (their loss trains them); inference (forward, generate) runs the main layers only."""
+    return [layer for layer in cfg.moe_layers
+            if layer < cfg.num_hidden_layers or (training and has_mtp)]
 
 
 class A2ATimer:
@@ -23,6 +38,7 @@ class A2ATimer:
 
     def __init__(self) -> None:
         self.samples: dict[tuple[int, str], list[float]] = {}
+        self.rows_sent = 0  # (token, destination) rows this rank sent in dispatch
 
     def add(self, layer: int, phase: str, seconds: float) -> None:
         self.samples.setdefault((layer, phase), []).append(seconds)
@@ -32,38 +48,73 @@ class A2ATimer:
         return out
 
 
-class EPRouted:
-    """`MoE.routed` for a rank that holds tokens: dispatch -> local experts (if any) -> combine -> weigh."""
+@dataclass
+class EPContext:
+    """Everything a rank needs to take part in expert parallelism; passed in, never a global."""
 
-    def __init__(self, dispatcher, experts: RoutedExperts | None, layer: int, timer: A2ATimer | None = None):
-        self.dispatcher, self.experts, self.layer, self.timer = dispatcher, experts, layer, timer
+    cfg: ModelConfig
+    group: dist.ProcessGroup
+    placement: Placement
+    has_mtp: bool
+    timer: A2ATimer = field(default_factory=A2ATimer)
 
-    def __call__(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    def layers(self, training: bool) -> list[int]:
+        return lockstep_layers(self.cfg, self.has_mtp, training)
+
+
+class _Timed:
+    """A dispatcher that records each phase's wall time for one layer."""
+
+    def __init__(self, inner: AllToAllDispatcher, layer: int, timer: A2ATimer) -> None:
+        self.inner, self.layer, self.timer = inner, layer, timer
+
+    def dispatch(self, x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, valid_T: Tensor | None = None):
         t0 = time.perf_counter()
-        x_RD, counts, meta = self.dispatcher.dispatch(x_TD, ids_TK)
-        t1 = time.perf_counter()
-        y_RD = self.experts(x_RD, counts) if self.experts is not None else x_RD[:0] * 0
-        t2 = time.perf_counter()
-        y_TKD = self.dispatcher.combine(y_RD, meta)
-        if self.timer is not None:
-            self.timer.add(self.layer, "dispatch", t1 - t0)
-            self.timer.add(self.layer, "combine", time.perf_counter() - t2)
-        return combine_weighted(y_TKD, weights_TK)
+        out = self.inner.dispatch(x_TD, weights_TK, ids_TK, valid_T)
+        self.timer.add(self.layer, "dispatch", time.perf_counter() - t0)
+        self.timer.rows_sent += out[2].rows_sent
+        return out
+
+    def combine(self, y_RD: Tensor, meta) -> Tensor:
+        t0 = time.perf_counter()
+        y = self.inner.combine(y_RD, meta)
+        self.timer.add(self.layer, "combine", time.perf_counter() - t0)
+        return y
 
 
-def expert_pass(dispatcher, experts: Sequence[RoutedExperts | None], dim: int, top_k: int,
-                device: torch.device, dtype: torch.dtype, grad: bool) -> torch.Tensor:
-    """One lockstep pass over `experts` (one entry per MoE layer, in forward order) with no tokens.
+def make_dispatcher(ctx: EPContext, layer: int) -> _Timed:
+    """The one factory: the all-to-all dispatcher over the context's group, timed per layer."""
+    return _Timed(AllToAllDispatcher(ctx.placement, ctx.group), layer, ctx.timer)
 
-    With grad=True the returned [0, D] tensor carries the whole chain; `h.backward(torch.zeros_like(h))`
+
+def apply_ep(model, ctx: EPContext) -> None:
+    """Turn a token rank's `Transformer` into an EP participant: every MoE layer dispatches over the
+    group and hosts no routed experts (they live on the shards)."""
+    for layer, moe in zip(ctx.cfg.moe_layers, model.moe_modules()):
+        moe.dispatcher = make_dispatcher(ctx, layer)
+        moe.experts = None
+
+
+def expert_pass(ctx: EPContext, experts: Mapping[int, RoutedExperts], training: bool,
+                device: torch.device, dtype: torch.dtype) -> Tensor:
+    """One lockstep pass over the context's layers with no tokens; `experts` maps layer -> local experts.
+
+    With training=True the returned [0, D] tensor carries the whole chain; `h.backward(torch.zeros_like(h))`
     then replays the collectives in reverse layer order, meeting the token ranks' backward."""
-    with torch.set_grad_enabled(grad):
-        h = torch.zeros(0, dim, device=device, dtype=dtype, requires_grad=grad)
-        ids = torch.zeros(0, top_k, device=device, dtype=torch.int64)
-        for ex in experts:
-            x_RD, counts, meta = dispatcher.dispatch(h, ids)
-            y_RD = ex(x_RD, counts) if ex is not None else x_RD[:0] * 0
-            h = h + dispatcher.combine(y_RD, meta).sum(dim=1)
+    K, D = ctx.cfg.num_experts_per_tok, ctx.cfg.hidden_size
+    with torch.set_grad_enabled(training):
+        h = torch.zeros(0, D, device=device, dtype=dtype, requires_grad=training)
+        ids = torch.zeros(0, K, device=device, dtype=torch.int64)
+        w = torch.zeros(0, K, device=device, dtype=torch.float32)
+        for layer in ctx.layers(training):
+            d = make_dispatcher(ctx, layer)
+            x_RD, counts, meta = d.dispatch(h, w, ids)
+            ex = experts.get(layer)
+            h = h + d.combine(ex(x_RD, counts) if ex is not None else x_RD[:0] * 0, meta)
     return h
 
 

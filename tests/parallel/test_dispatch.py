@@ -1,6 +1,7 @@
 """Dispatchers vs references: LocalDispatcher vs a naive loop on one process, AllToAllDispatcher over
 gloo (world sizes 2, 3, 4 as groups of one 4-process pool) vs LocalDispatcher on the concatenated
-problem, forward and backward over two layers.
+problem, forward and backward (x, expert weights and gate weights) over two layers; each token sent
+once per destination rank.
 
 Shape legend: T tokens, K experts per token, D hidden, E experts, R rows on a rank, S local slots.
 """
@@ -12,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import RankPool, assert_close
-from dsray.parallel import AllToAllDispatcher, LocalDispatcher, Placement
+from dsray.model.dispatch import LocalDispatcher
+from dsray.parallel import AllToAllDispatcher, Placement
 
 RTOL = {torch.float32: 1e-6, torch.bfloat16: 2e-2}
 GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
@@ -61,16 +63,16 @@ def _to(obj, device):
 def reference(spec: dict) -> dict:
     """One process, LocalDispatcher, all tokens concatenated in group-rank order."""
     p = make_problem(spec)
-    d = LocalDispatcher(Placement.linear(spec["E"], [0], 1))
+    d = LocalDispatcher(spec["E"])
     x = torch.cat(p["x"]).requires_grad_()
     Ws = [L["W"].clone().requires_grad_() for L in p["layers"]]
     ws = [torch.cat(L["w"]).requires_grad_() for L in p["layers"]]
     h, ys = x, []
     for L, W, w in zip(p["layers"], Ws, ws):
-        x_RD, counts, meta = d.dispatch(h, torch.cat(L["ids"]))
-        y_TKD = d.combine(loop_experts(x_RD, counts, W), meta)
-        ys.append(y_TKD.detach())
-        h = h + (y_TKD * w[..., None]).sum(1)
+        x_RD, counts, meta = d.dispatch(h, w, torch.cat(L["ids"]))
+        y_TD = d.combine(loop_experts(x_RD, counts, W), meta)
+        ys.append(y_TD.detach())
+        h = h + y_TD
     (h * torch.cat(p["cot"])).sum().backward()
     return {"y": ys, "x_grad": x.grad, "W_grad": [W.grad for W in Ws], "w_grad": [w.grad for w in ws]}
 
@@ -105,21 +107,23 @@ def run_layers(rank: int, world_size: int, spec: dict) -> dict | None:
     else:  # expert-only rank: an empty hidden state carries the autograd chain
         x = torch.zeros(0, D, dtype=spec["dtype"], device=dev, requires_grad=True)
     ws = [L["w"][r].clone().requires_grad_() for L in p["layers"]]
-    h, ys, all_counts = x, [], []
+    h, ys, all_counts, sent = x, [], [], []
     for L, W, w in zip(p["layers"], Ws, ws):
-        x_RD, counts, meta = d.dispatch(h, L["ids"][r])
+        x_RD, counts, meta = d.dispatch(h, w, L["ids"][r])
         assert x_RD.shape == (sum(counts), D) and len(counts) == len(local)
-        y_TKD = d.combine(loop_experts(x_RD, counts, W), meta)
-        assert y_TKD.shape == (T, spec["K"], D)
-        ys.append(y_TKD.detach())
+        y_TD = d.combine(loop_experts(x_RD, counts, W), meta)
+        assert y_TD.shape == (T, D)
+        ys.append(y_TD.detach())
         all_counts.append(counts)
-        h = h + (y_TKD * w[..., None]).sum(1) if token_rank else h + y_TKD.sum(1)
+        sent.append(meta.rows_sent)
+        h = h + y_TD
     if token_rank:
         (h * p["cot"][r]).sum().backward()
     else:
         h.backward(torch.zeros(0, D, dtype=h.dtype, device=dev))
     W_grad = [{e: W.grad[s] for s, e in enumerate(local)} for W in Ws]
-    res = {"y": ys, "x_grad": x.grad, "W_grad": W_grad, "w_grad": [w.grad for w in ws], "counts": all_counts}
+    res = {"y": ys, "x_grad": x.grad, "W_grad": W_grad, "w_grad": [w.grad for w in ws], "counts": all_counts,
+           "sent": sent}
     return _to(res, "cpu")
 
 
@@ -135,10 +139,10 @@ def forward_only(rank: int, world_size: int, spec: dict) -> list | None:
     h, ys = p["x"][r], []
     with torch.inference_mode():
         for L in p["layers"]:
-            x_RD, counts, meta = d.dispatch(h, L["ids"][r])
-            y_TKD = d.combine(loop_experts(x_RD, counts, L["W"][local]), meta)
-            ys.append(y_TKD)
-            h = h + (y_TKD * L["w"][r][..., None]).sum(1) if len(h) else h
+            x_RD, counts, meta = d.dispatch(h, L["w"][r], L["ids"][r])
+            y_TD = d.combine(loop_experts(x_RD, counts, L["W"][local]), meta)
+            ys.append(y_TD)
+            h = h + y_TD
     return ys
 
 
@@ -153,7 +157,7 @@ def check_against_reference(spec: dict, results: list) -> None:
     for r, res in enumerate(results):
         sl = slice(offsets[r], offsets[r + 1])
         for l in range(len(ref["y"])):
-            assert_close(res["y"][l], ref["y"][l][sl], RTOL[dtype], f"rank {r} layer {l} y_TKD")
+            assert_close(res["y"][l], ref["y"][l][sl], RTOL[dtype], f"rank {r} layer {l} y_TD")
             if spec["tokens"][r]:
                 assert_close(res["w_grad"][l], ref["w_grad"][l][sl], GRAD_RTOL[dtype], f"rank {r} layer {l} w grad")
         if spec["tokens"][r] and r != spec.get("x_without_grad_rank"):
@@ -172,44 +176,48 @@ def check_against_reference(spec: dict, results: list) -> None:
 def test_local_dispatcher_matches_naive_loop():
     spec = {"seed": 0, "E": 6, "D": 8, "K": 3, "dtype": torch.float32, "tokens": [11], "allowed": [list(range(6))]}
     p = make_problem(spec)
-    x, ids, W = p["x"][0], p["layers"][0]["ids"][0], p["layers"][0]["W"]
-    # any slot order: the placement's slot order only changes x_RD's layout
-    for slots in ([0, 1, 2, 3, 4, 5], [4, 0, 5, 2, 1, 3]):
-        d = LocalDispatcher(Placement.from_table([slots], 6, 1))
-        xg = x.clone().requires_grad_()
-        Wg = W.clone().requires_grad_()
-        x_RD, counts, meta = d.dispatch(xg, ids)
-        assert counts == [int((ids == e).sum()) for e in slots]
-        y_TKD = d.combine(loop_experts(x_RD, counts, Wg[slots]), meta)
-        # bit-identical to running each expert on its tokens in token order, without dispatch
-        for e in range(6):
-            t, k = (ids == e).nonzero(as_tuple=True)
-            assert torch.equal(y_TKD[t, k], x[t] @ W[e])
-        # naive per-token loop, forward and backward
-        xn = x.clone().requires_grad_()
-        Wn = W.clone().requires_grad_()
-        y_naive = torch.stack([torch.stack([xn[t] @ Wn[ids[t, k]] for k in range(3)]) for t in range(11)])
-        assert_close(y_TKD, y_naive, 1e-6, "y_TKD vs naive")
-        cot = torch.randn(11, 3, 8)
-        (y_TKD * cot).sum().backward()
-        (y_naive * cot).sum().backward()
-        assert_close(xg.grad, xn.grad, 1e-6, "x grad")
-        assert_close(Wg.grad, Wn.grad, 1e-6, "W grad")
+    x, ids, w, W = p["x"][0], p["layers"][0]["ids"][0], p["layers"][0]["w"][0], p["layers"][0]["W"]
+    d = LocalDispatcher(6)
+    xg, wg, Wg = (t.clone().requires_grad_() for t in (x, w, W))
+    x_RD, counts, meta = d.dispatch(xg, wg, ids)
+    assert counts == [int((ids == e).sum()) for e in range(6)]
+    y_RD = loop_experts(x_RD, counts, Wg)
+    # pure data movement: each expert's rows are its tokens in token order, bit for bit
+    start = 0
+    for e in range(6):
+        t, _ = (ids == e).nonzero(as_tuple=True)
+        assert torch.equal(x_RD[start:start + counts[e]], x[t])
+        assert torch.equal(y_RD[start:start + counts[e]], x[t] @ W[e])
+        start += counts[e]
+    y_TD = d.combine(y_RD, meta)
+    # naive per-token loop, forward and backward (gate weights included)
+    xn, wn, Wn = (t.clone().requires_grad_() for t in (x, w, W))
+    y_naive = torch.stack([sum(wn[t, k] * (xn[t] @ Wn[ids[t, k]]) for k in range(3)) for t in range(11)])
+    assert_close(y_TD, y_naive, 1e-6, "y_TD vs naive")
+    cot = torch.randn(11, 8)
+    (y_TD * cot).sum().backward()
+    (y_naive * cot).sum().backward()
+    for a, b, what in ((xg, xn, "x"), (wg, wn, "gate weights"), (Wg, Wn, "W")):
+        assert_close(a.grad, b.grad, 1e-6, f"{what} grad")
 
 
 def test_local_dispatcher_edge_cases():
-    d = LocalDispatcher(Placement.linear(4, [0], 1))
-    x_RD, counts, meta = d.dispatch(torch.zeros(0, 5), torch.zeros(0, 2, dtype=torch.int64))
+    d = LocalDispatcher(4)
+    x_RD, counts, meta = d.dispatch(torch.zeros(0, 5), torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.int64))
     assert x_RD.shape == (0, 5) and counts == [0, 0, 0, 0]
-    assert d.combine(x_RD, meta).shape == (0, 2, 5)
+    assert d.combine(x_RD, meta).shape == (0, 5)
     with pytest.raises(ValueError, match=r"outside \[0, 4\)"):
-        d.dispatch(torch.zeros(2, 5), torch.tensor([[0, 4], [1, 2]]))
+        d.dispatch(torch.zeros(2, 5), torch.ones(2, 2), torch.tensor([[0, 4], [1, 2]]))
     with pytest.raises(ValueError, match="ids_TK"):
-        d.dispatch(torch.zeros(2, 5), torch.zeros(3, 2, dtype=torch.int64))
+        d.dispatch(torch.zeros(2, 5), torch.ones(3, 2), torch.zeros(3, 2, dtype=torch.int64))
     with pytest.raises(ValueError, match="y_RD"):
         d.combine(torch.zeros(1, 5), meta)
-    with pytest.raises(ValueError, match="hosts 2 of 4 experts"):
-        LocalDispatcher(Placement.linear(4, [0, 1], 2), rank=1)
+    # tokens marked invalid (left padding) go nowhere and come back as zeros
+    x, ids = torch.randn(3, 5), torch.tensor([[0, 1], [2, 3], [1, 2]])
+    x_RD, counts, meta = d.dispatch(x, torch.ones(3, 2), ids, torch.tensor([True, False, True]))
+    assert counts == [1, 2, 1, 0]
+    y = d.combine(x_RD, meta)
+    assert torch.equal(y[1], torch.zeros(5)) and torch.allclose(y[0], 2 * x[0])
 
 
 # ---- over gloo --------------------------------------------------------------------------------------
@@ -248,6 +256,13 @@ def test_all_to_all_matches_local(pool, name, dtype):
     spec = {**SCENARIOS[name], "dtype": dtype}
     results = pool.run(run_layers, spec)
     check_against_reference(spec, results)
+    # each token crosses the wire once per destination rank (not once per expert)
+    placement = Placement.from_dict(spec["placement"])
+    p = make_problem(spec)
+    for r, res in enumerate([results[g] for g in (spec.get("group_ranks") or range(len(results)))]):
+        for l, L in enumerate(p["layers"]):
+            want = int(placement.destinations(L["ids"][r], source_rank=r).sum()) if spec["tokens"][r] else 0
+            assert res["sent"][l] == want, (name, r, l, res["sent"][l], want)
     if name == "world3":
         # layer 0 sends nothing to rank 2 (it hosts experts 4, 5, 6 and a replica of 0)
         assert results[2]["counts"][0] == [0, 0, 0, 0]
@@ -279,6 +294,7 @@ def mismatch(rank: int, world_size: int, kind: str) -> str:
         placement = Placement(4, placement.slots, version=1)
     d = AllToAllDispatcher(placement)
     x = torch.randn(3, 4, requires_grad=True)
+    w = torch.rand(3, 2)
     ids = torch.tensor([[0, 1], [2, 3], [1, 2]])
     if kind == "ids" and rank == 3:
         ids = ids + 2
@@ -287,9 +303,9 @@ def mismatch(rank: int, world_size: int, kind: str) -> str:
     try:
         if kind == "grad_mode" and rank == 0:
             with torch.no_grad():
-                d.dispatch(x, ids)
+                d.dispatch(x, w, ids)
         else:
-            d.dispatch(x, ids)
+            d.dispatch(x, w, ids)
     except (ValueError, RuntimeError) as e:
         return f"{type(e).__name__}: {e}"
     return "no error"

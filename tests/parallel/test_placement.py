@@ -231,7 +231,7 @@ def _gate(E: int, G: int, topk_group: int, K: int, T: int, seed: int) -> torch.T
     torch.nn.init.normal_(gate.weight, std=0.5)
     gate.e_score_correction_bias.normal_(std=0.1)
     with torch.no_grad():
-        _, ids_TK = gate(torch.randn(T, cfg.hidden_size))
+        _, ids_TK, _ = gate(torch.randn(T, cfg.hidden_size))
     g = E // G
     assert ((ids_TK // g).sort(1).values.diff(dim=1) != 0).sum(1).add(1).max() <= topk_group  # group-limited
     return ids_TK
@@ -284,7 +284,7 @@ def _dispatch_counts(rank: int, world_size: int, spec: dict) -> list[int]:
     d = AllToAllDispatcher(Placement.from_dict(spec["placement"]))
     ids = spec["ids"][rank]
     with torch.no_grad():
-        _, counts, _ = d.dispatch(torch.zeros(ids.shape[0], 4), ids)
+        _, counts, _ = d.dispatch(torch.zeros(ids.shape[0], 4), torch.ones(ids.shape, dtype=torch.float32), ids)
     return counts
 
 

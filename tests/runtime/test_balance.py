@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dsray.runtime.balance import DEFAULT_GAMMA, DEFAULT_RULE, BiasUpdater
+from dsray.runtime.balance import DEFAULT_GAMMA, DEFAULT_GAMMAS, DEFAULT_RULE, BiasUpdater
 
 
 def _counts(rng: np.random.Generator, L: int, E: int) -> np.ndarray:
@@ -122,6 +122,13 @@ def test_bad_parameters_name_the_value():
     with pytest.raises(ValueError, match=r"\('prop', 2, 4\)"):
         BiasUpdater(2, 4, "sign").load_state_dict(BiasUpdater(2, 4, "prop").state_dict())
     assert upd.updates == 0  # rejected calls change nothing
+
+
+def test_defaults_per_rule():
+    assert BiasUpdater(1, 4).rule == DEFAULT_RULE and BiasUpdater(1, 4).gamma == DEFAULT_GAMMA
+    for rule, g in DEFAULT_GAMMAS.items():
+        assert BiasUpdater(1, 4, rule).gamma == g
+    assert BiasUpdater(1, 4, "sign", 0).gamma == 0.0  # 0 is "off", not "default"
 
 
 def _train_window_maxvio(rule: str, gamma: float, steps: int, batch: int) -> tuple[float, float]:
