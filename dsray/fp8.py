@@ -65,3 +65,46 @@ def dequantize_fp8_blockwise(w_fp8: torch.Tensor, scale_inv: torch.Tensor,
         raise ValueError(f"scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} "
                          f"for a weight of shape {tuple(w_fp8.shape)} with {block[0]}x{block[1]} blocks")
     return w_fp8.float().mul_(_expand(scale_inv, block, tuple(w_fp8.shape)))
+
+
+# ---- activations: 1 x 128 blocks along the last dimension (FP8 dispatch) ----------------------------
+
+ACT_BLOCK = 128  # DeepSeek-V3 quantises activations per token in 1 x 128 tiles (report, section 3.3)
+
+
+def quantize_fp8_rows(x_TD: torch.Tensor, block: int = ACT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise rows to (float8_e4m3fn [T, D], fp32 scale_inv [T, ceil(D / block)]), one scale per
+    1 x `block` tile; a ragged last tile (D not a multiple of `block`) gets its own scale.
+
+    scale_inv = max(amax(|tile|), 1e-30) / 448: the largest magnitude of each tile maps to e4m3's 448 (the
+    floor keeps all-zero tiles finite; they come back as zeros). Error (round to nearest; e4m3 has 3
+    mantissa bits, smallest normal 2^-6, subnormal step 2^-9): |dequant - x| <= 2^-4 |x| + 2^-10 scale_inv
+    per element, so at most 2^-4 of the tile's amax. No host sync and no checks on the values: this runs
+    in the data path; NaN/Inf propagate (a tile holding one comes back non-finite)."""
+    if x_TD.ndim != 2 or not isinstance(block, int) or block <= 0:
+        raise ValueError(f"quantize_fp8_rows needs a 2-D tensor and a positive int block, got shape "
+                         f"{tuple(x_TD.shape)} and block {block!r}")
+    T, D = x_TD.shape
+    nB = math.ceil(D / block)
+    x_TD = x_TD.float()
+    if nB * block != D:  # zero padding does not change a tile's amax
+        x_TD = torch.nn.functional.pad(x_TD, (0, nB * block - D))
+    x_TBb = x_TD.view(T, nB, block)
+    scale_TB = x_TBb.abs().amax(dim=2).clamp_min_(1e-30) / FP8_E4M3_MAX
+    # clamp guards against x/scale landing a hair above 448 through fp32 division rounding
+    q_TBb = (x_TBb / scale_TB[:, :, None]).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    return q_TBb.view(T, nB * block)[:, :D].to(torch.float8_e4m3fn), scale_TB
+
+
+def dequantize_fp8_rows(q_TD: torch.Tensor, scale_TB: torch.Tensor, dtype: torch.dtype = torch.float32,
+                        block: int = ACT_BLOCK) -> torch.Tensor:
+    """`dtype` rows = q.float() * scale_inv of its tile (the inverse of `quantize_fp8_rows`)."""
+    T, D = q_TD.shape
+    nB = math.ceil(D / block)
+    if tuple(scale_TB.shape) != (T, nB):
+        raise ValueError(f"scale_inv has shape {tuple(scale_TB.shape)}, expected {(T, nB)} for rows of "
+                         f"shape {(T, D)} with 1x{block} tiles")
+    x_TD = q_TD.float()
+    if nB * block != D:
+        x_TD = torch.nn.functional.pad(x_TD, (0, nB * block - D))
+    return (x_TD.view(T, nB, block) * scale_TB.float()[:, :, None]).view(T, nB * block)[:, :D].to(dtype)

@@ -116,6 +116,7 @@ def run_layers(rank: int, world_size: int, spec: dict) -> dict | None:
         ys.append(y_TD.detach())
         all_counts.append(counts)
         sent.append(meta.rows_sent)
+        assert meta.bytes_sent == meta.rows_sent * (D * x_RD.element_size() + 2 * L["ids"][r].shape[1] * 4)
         h = h + y_TD
     if token_rank:
         (h * p["cot"][r]).sum().backward()
@@ -292,7 +293,7 @@ def mismatch(rank: int, world_size: int, kind: str) -> str:
     placement = Placement.linear(4, [0, 1, 2, 3], 4)
     if kind == "version" and rank == 2:
         placement = Placement(4, placement.slots, version=1)
-    d = AllToAllDispatcher(placement)
+    d = AllToAllDispatcher(placement, dispatch_dtype="float8_e4m3fn" if kind == "wire" and rank == 2 else None)
     x = torch.randn(3, 4, requires_grad=True)
     w = torch.rand(3, 2)
     ids = torch.tensor([[0, 1], [2, 3], [1, 2]])
@@ -319,6 +320,8 @@ def mismatch(rank: int, world_size: int, kind: str) -> str:
         ("grad_mode", "RuntimeError: rank(s) [0] dispatch with autograd disabled"),
         ("dtype", "RuntimeError: ranks dispatch rows of different dtype or width (by rank): "
                   "[torch.float32, torch.bfloat16, torch.float32, torch.float32], D = [4, 4, 4, 4]"),
+        ("wire", "RuntimeError: ranks dispatch with different dispatch_dtype (by rank): "
+                 "['model dtype', 'model dtype', 'float8_e4m3fn', 'model dtype']"),
     ],
 )
 def test_all_to_all_mismatch_raises_on_every_rank(pool, kind, expected):
