@@ -41,6 +41,7 @@ SEQ_LEN = 1 + MAX_LETTERS + 1 + MAX_LETTERS + 1
 MAX_NEW_TOKENS = MAX_LETTERS + 1
 
 _TOK = ByteTokenizer()
+EOS_ID, PAD_ID = _TOK.eos_id, _TOK.pad_id  # what rollouts stop at / pad with (run_grpo reads these)
 
 
 def _words(n: int, seed: int, stream: str) -> list[str]:
