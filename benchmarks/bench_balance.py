@@ -98,19 +98,15 @@ def floors(model: Transformer, opt: torch.optim.Optimizer, data: TextBatches, bi
 
     def mv(ids: torch.Tensor, b: np.ndarray) -> np.ndarray:
         set_bias_to(b)
-        model.pop_expert_counts()
         with torch.no_grad():
-            model.loss(ids, mtp_weight=0.3)
-        return maxvio(model.pop_expert_counts().numpy())
+            return maxvio(model.loss(ids, mtp_weight=0.3)["counts"].numpy())
 
     model.eval()
     b = bias.astype(np.float64)
     for eta in [1e-2] * 40 + [3e-3] * 40 + [1e-3] * 40 + [3e-4] * 40:
         set_bias_to(b)
-        model.pop_expert_counts()
         with torch.no_grad():
-            model.loss(fit_ids, mtp_weight=0.3)
-        c = model.pop_expert_counts().numpy()
+            c = model.loss(fit_ids, mtp_weight=0.3)["counts"].numpy()
         b = b + eta * np.sign(c.mean(axis=1, keepdims=True) - c)
     out = {"fit_256": float(mv(fit_ids, b).max()), "sampling_256": float(mv(test_ids, b).max()),
            "sampling_32": [float(mv(test_ids[i:i + 32], b).max()) for i in range(0, len(test_ids) - 31, 32)],
@@ -149,10 +145,9 @@ def train_run(spec: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         model.eval()
         for n, ids in held.items():
-            model.pop_expert_counts()
             with torch.no_grad():
-                loss = model.loss(ids, mtp_weight=0.3)["loss"].item()
-            mv = maxvio(model.pop_expert_counts().numpy())
+                res = model.loss(ids, mtp_weight=0.3)
+            loss, mv = res["loss"].item(), maxvio(res["counts"].numpy())
             out[f"maxvio_{n}"], out[f"maxvio_{n}_per_layer"] = float(mv.max()), mv.round(4).tolist()
             if n == 256:
                 out["val_loss"] = loss
@@ -168,13 +163,12 @@ def train_run(spec: dict[str, Any]) -> dict[str, Any]:
         for g in opt.param_groups:
             g["lr"] = lr
         set_bias()
-        model.pop_expert_counts()
         out = model.loss(data.next_batch(), mtp_weight=0.3, seq_aux_alpha=alpha)
         opt.zero_grad(set_to_none=True)
         out["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        counts = model.pop_expert_counts().numpy().astype(np.int64)  # host sync
+        counts = out["counts"].numpy().astype(np.int64)  # [L, E] of this step (main layers, then MTP); host sync
         bias = upd.update(bias, counts, spec["gamma"] * lr / lr0 if spec.get("gamma_follows_lr") else None)
         window = (window + [counts])[-WINDOW:]
         curves["loss"].append(round(out["loss"].item(), 5))

@@ -205,6 +205,14 @@ class Transformer(nn.Module):
         Sums are divided by `n_tokens` / `n_sequences` (default: this batch's), so data-parallel ranks
         can pass the global counts and simply add gradients. `counts` [L, E]: tokens per expert."""
         log = log if log is not None else RouteLog()
+        # A log is one call's: a used one would stack two calls' counts and shift replay by a call's layers;
+        # an alpha set on the log would be silently replaced by the argument's.
+        if log.counts or log.balance or log.ids:
+            raise ValueError(f"log: holds {len(log.counts)} layer(s) of an earlier call; "
+                             "pass a fresh RouteLog per call")
+        if log.seq_aux_alpha not in (0.0, seq_aux_alpha):
+            raise ValueError(f"seq_aux_alpha={seq_aux_alpha} but log.seq_aux_alpha={log.seq_aux_alpha}: pass the "
+                             "alpha to loss(seq_aux_alpha=...)")
         log.seq_aux_alpha = seq_aux_alpha
         _, h = self.hidden(input_ids_BS, log=log)
         logits = self.lm_head(h)

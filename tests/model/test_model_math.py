@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from helpers import assert_close
 from dsray.config import PRESETS, ModelConfig, preset
-from dsray.model import Gate, LatentCache, RoutedExperts, Transformer
+from dsray.model import Gate, LatentCache, RouteLog, RoutedExperts, Transformer
 
 
 def test_gate_hand_computed():
@@ -27,8 +24,9 @@ def test_gate_hand_computed():
     s = torch.sigmoid(logits)[0]
     # biased group scores (top-2 sums): g0 = s0+3+s1, g1 = s2+s3, g2 = s4+s5, g3 = s6+s7 -> keep g0, g2
     # top-2 over kept biased scores: expert 0 (biased), expert 4
-    weights, ids = gate(logits)
+    weights, ids, scores = gate(logits)
     assert sorted(ids[0].tolist()) == [0, 4]
+    assert_close(scores[0], s, 1e-6, "scores are the unbiased sigmoid")
     expected = {0: s[0] / (s[0] + s[4]) * 2.0, 4: s[4] / (s[0] + s[4]) * 2.0}  # unbiased weights
     for k in range(2):
         assert abs(weights[0, k].item() - expected[ids[0, k].item()].item()) < 1e-6
@@ -43,10 +41,15 @@ def test_gate_softmax_greedy():
         gate.weight.copy_(torch.eye(4))
         gate.e_score_correction_bias.fill_(100.0)  # ignored outside noaux_tc
     x = torch.tensor([[0.1, 2.0, 1.0, -1.0]])
-    w, ids = gate(x)
+    w, ids, scores = gate(x)
     p = x.softmax(-1)[0]
     assert sorted(ids[0].tolist()) == [1, 2]
     assert_close(w[0].sort().values, p[[2, 1]].sort().values, 1e-6)
+    assert_close(scores[0], p, 1e-6, "scores")
+    # replay: the given experts are used, weights recomputed from the live scores
+    w2, ids2, _ = gate(x, replay_TK=torch.tensor([[0, 3]]))
+    assert ids2[0].tolist() == [0, 3]
+    assert_close(w2[0], p[[0, 3]], 1e-6, "replayed weights")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -116,20 +119,52 @@ def test_training_step_lowers_loss_and_counts_experts():
     model = Transformer.from_config(cfg, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     ids = torch.randint(0, cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
-    first = None
+    first, total = None, 0
     for _ in range(15):
         out = model.loss(ids)
         opt.zero_grad()
         out["total"].backward()
         opt.step()
         first = first if first is not None else out["loss"].item()
-    assert out["loss"].item() < first * 0.8 and "mtp_loss" in out
-    counts = model.pop_expert_counts()
+        total = total + out["counts"]
+    assert out["loss"].item() < first * 0.8 and "mtp_loss" in out and "balance_loss" not in out
     # 2 MoE layers + 1 MTP MoE; each main layer routes 4*32 tokens x K, MTP routes 4*31 x K per step
     K = cfg.num_experts_per_tok
-    assert counts.shape == (3, cfg.n_routed_experts)
-    assert counts[0].sum().item() == 15 * 4 * 32 * K and counts[2].sum().item() == 15 * 4 * 31 * K
-    assert model.pop_expert_counts().sum().item() == 0
+    assert out["counts"].shape == (3, cfg.n_routed_experts) and not out["counts"].requires_grad
+    assert out["counts"][0].sum().item() == 4 * 32 * K and out["counts"][2].sum().item() == 4 * 31 * K
+    assert total[0].sum().item() == 15 * 4 * 32 * K and total[2].sum().item() == 15 * 4 * 31 * K
+    # the caller's log gets the same facts; nothing carries over between calls
+    log = RouteLog()
+    again = model.loss(ids, log=log)
+    assert torch.equal(log.counts_LE(), again["counts"]) and len(log.counts) == 3
+    assert again["counts"].sum().item() == out["counts"].sum().item()
+    with pytest.raises(ValueError, match="fresh RouteLog"):  # a used log would stack two calls' counts
+        model.loss(ids, log=log)
+    with pytest.raises(ValueError, match="seq_aux_alpha"):  # the argument would silently replace it
+        model.loss(ids, log=RouteLog(seq_aux_alpha=0.1))
+
+
+def test_forward_route_log_counts_only_real_tokens():
+    """Forward-only passes report counts through the log; left padding is routed to no expert."""
+    cfg = preset("debug")
+    model = Transformer.from_config(cfg, seed=0).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    K, L = cfg.num_experts_per_tok, len(model.moe_modules())
+    with torch.no_grad():
+        log = RouteLog(record=True)
+        model(ids, log=log)
+        # forward() runs no MTP block: only the main MoE layers report
+        n_main = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+        assert log.counts_LE().shape == (n_main, cfg.n_routed_experts) and n_main < L
+        assert (log.counts_LE().sum(dim=1) == 2 * 9 * K).all()
+        assert log.routing(2).shape == (2, 9, n_main, K)
+        padded = RouteLog()
+        model(ids, log=padded, pad_B=torch.tensor([0, 4]))
+        assert (padded.counts_LE().sum(dim=1) == (9 + 5) * K).all()
+        # replaying the recorded ids reproduces the logits exactly
+        replayed = RouteLog(replay=log.ids)
+        assert torch.equal(model(ids, log=replayed), model(ids))
+        assert torch.equal(replayed.counts_LE(), log.counts_LE())
 
 
 @pytest.mark.parametrize("field,value,words", [
@@ -179,36 +214,46 @@ def test_config_from_official_style_json(tmp_path):
         ModelConfig.from_pretrained(tmp_path)
 
 
-def test_import_model_does_not_import_ray():
-    code = "import sys, dsray.model, dsray.config, dsray.checkpoint; assert 'ray' not in sys.modules, 'ray imported'; " \
-           "assert 'torch.distributed.distributed_c10d' not in sys.modules or True"
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
 def test_sequence_balance_loss_by_hand():
     cfg = preset("debug")
     model = Transformer.from_config(cfg, seed=0)
     ids = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
-    out = model.loss(ids, seq_aux_alpha=0.1)
     # recompute layer 1's term with explicit loops from its gate on the same hidden states
     moe = model.moe_modules()[0]
     captured = {}
-    hook = moe.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0].detach()))
-    model.loss(ids)
+
+    def keep_input(m, args) -> None:  # returns None: a returned value would replace the arguments (and the log)
+        captured["x"] = args[0].detach()
+
+    hook = moe.register_forward_pre_hook(keep_input)
+    log = RouteLog()
+    out = model.loss(ids, seq_aux_alpha=0.1, log=log)
     hook.remove()
     x = captured["x"]  # [B, S, D]
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
-    _, idx, scores = moe.gate(x.reshape(-1, x.shape[-1]), return_scores=True)
-    total = 0.0
+    _, idx, scores = moe.gate(x.reshape(-1, x.shape[-1]))
+    per_seq = []
     for b in range(2):
         s = scores.view(2, 6, E)[b]
         chosen = idx.view(2, 6, K)[b]
+        total = 0.0
         for i in range(E):
             f = E / (K * 6) * sum(int(i in chosen[t].tolist()) for t in range(6))
             p = sum((s[t, i] / s[t].sum()).item() for t in range(6)) / 6
             total += 0.1 * f * p
-    per_layer = [m.balance_loss_B for m in model.moe_modules()]  # from the last loss() call: alpha was 0
-    assert all(b is None for b in per_layer)
-    model.loss(ids, seq_aux_alpha=0.1)
-    got = model.moe_modules()[0].balance_loss_B.sum().item() / 2
-    assert abs(got - total / 2) < 1e-6 and out["balance_loss"].item() > got
+        per_seq.append(total)
+    assert len(log.balance) == len(model.moe_modules()) and log.balance[0].shape == (2,)
+    assert_close(log.balance[0], torch.tensor(per_seq), 1e-6, "layer 1 balance terms")
+    # balance_loss: sum over layers (MTP's included) and sequences, divided by the batch's sequences
+    assert_close(out["balance_loss"], torch.stack([b.sum() for b in log.balance]).sum() / 2, 1e-6)
+    assert out["balance_loss"].item() > sum(per_seq) / 2
+    assert_close(out["total"], out["loss"] + 0.3 * out["mtp_loss"] + out["balance_loss"], 1e-6, "total")
+    # it is a loss: gradients reach the gate through the scores
+    out["balance_loss"].backward()
+    assert moe.gate.weight.grad is not None and moe.gate.weight.grad.abs().sum() > 0
+    # alpha 0, or no grad: no terms, no balance_loss
+    plain = RouteLog()
+    assert "balance_loss" not in model.loss(ids, log=plain) and plain.balance == []
+    with torch.no_grad():
+        nograd = RouteLog()
+        assert "balance_loss" not in model.loss(ids, seq_aux_alpha=0.1, log=nograd) and nograd.balance == []

@@ -156,21 +156,19 @@ def _train_window_maxvio(rule: str, gamma: float, steps: int, batch: int) -> tup
     window = []
     for _ in range(steps):
         set_bias()
-        model.pop_expert_counts()
         out = model.loss(data.next_batch(), mtp_weight=0.3)
         opt.zero_grad(set_to_none=True)
         out["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        counts = model.pop_expert_counts().numpy().astype(np.int64)
+        counts = out["counts"].numpy().astype(np.int64)
         bias = upd.update(bias, counts)
         window = (window + [counts])[-50:]
     set_bias()
     model.eval()
-    model.pop_expert_counts()
     with torch.no_grad():
-        model.loss(TextBatches(default_corpus_path(), 64, 32, seed=0, split="val").val_batch())
-    return float(maxvio(np.sum(window, axis=0)).max()), float(maxvio(model.pop_expert_counts().numpy()).max())
+        held = model.loss(TextBatches(default_corpus_path(), 64, 32, seed=0, split="val").val_batch())["counts"]
+    return float(maxvio(np.sum(window, axis=0)).max()), float(maxvio(held.numpy()).max())
 
 
 def test_new_default_balances_real_training_where_the_old_one_does_not():
