@@ -87,6 +87,13 @@ def sequence_logprobs(model: nn.Module, ids_BS: torch.Tensor, routing_BSLK: torc
     return token_logprobs(logits, ids_BS, temperature)
 
 
+def check_batch(batch: Batch, cfg) -> tuple[int, int]:
+    """(B, S) of a GRPO batch for a model of `cfg`; ValueError naming the key that does not fit (what
+    `policy_loss` checks, callable before any rank runs)."""
+    L = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    return _check_batch(batch, L, cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.vocab_size)
+
+
 def _check_batch(batch: Batch, L: int, K: int, E: int, V: int) -> tuple[int, int]:
     if not isinstance(batch, dict):
         raise ValueError(f"batch: expected a dict, got {type(batch).__name__}")
@@ -341,7 +348,7 @@ class LocalPolicy:
         grad_norm = self._optimizer_step(lr)
         counts = out["counts"][:self.n_moe_layers]
         self._move_bias(counts)
-        return {"step": self.step, "loss": float(out["loss"]), "counts": counts, "grad_norm": grad_norm,
+        return {"step": self.step, "loss": float(out["loss"].detach()), "counts": counts, "grad_norm": grad_norm,
                 "seconds": time.perf_counter() - t0}
 
     # ---- state ------------------------------------------------------------------------------------
