@@ -1,4 +1,4 @@
-"""`dsray` command line: demo, train, generate, status, top, report.
+"""`dsray` command line: demo, train, generate, status, top, report, rl.
 
 Every command runs unchanged on a laptop (embedded local Ray, CPU) and as
 `ray job submit --working-dir . -- dsray ...` on a cluster (RAY_ADDRESS set by the job).
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dsray.commands import cmd_generate, cmd_report, cmd_status, cmd_top, cmd_train
+from dsray.commands import cmd_generate, cmd_report, cmd_rl, cmd_status, cmd_top, cmd_train
 
 EXIT_USAGE, EXIT_RUNTIME = 2, 1
 
@@ -79,6 +79,66 @@ def _train_args(t: argparse.ArgumentParser, steps: int, drivers: int, shards: in
     _engine_args(t, drivers, shards)
 
 
+def _rl_args(r: argparse.ArgumentParser) -> None:
+    r.add_argument("--preset", default="debug", help="model preset (the task needs the byte tokenizer's vocab)")
+    r.add_argument("--seed", type=int, default=0, help="weights, prompts and sampling")
+    r.add_argument("--warmup-steps", type=int, default=300, help="supervised steps on solved examples first")
+    r.add_argument("--warmup-batch", type=int, default=128, help="sequences per warm-up step")
+    r.add_argument("--warmup-lr", type=float, default=3e-3, help="AdamW learning rate of the warm-up")
+    r.add_argument("--steps", type=int, default=60, help="GRPO steps (one rollout each)")
+    r.add_argument("--group-size", type=int, default=8, help="answers sampled per prompt (>= 2)")
+    r.add_argument("--prompts", type=int, default=16, help="prompts per GRPO step")
+    r.add_argument("--updates-per-rollout", type=int, default=2, help="grpo_step calls on each rollout batch")
+    r.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of GRPO")
+    r.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts (> 0)")
+    r.add_argument("--max-new-tokens", type=int, help="answer length limit (default: the task's)")
+    r.add_argument("--replay", action=argparse.BooleanOptionalAction, default=True,
+                   help="train with the rollout's routing (rollout routing replay)")
+    r.add_argument("--kl-coef", type=float, default=0.0, help="k3 KL penalty to the post-warm-up policy (0: off)")
+    r.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip: ratio kept in [1-eps, 1+eps-high]")
+    r.add_argument("--clip-eps-high", type=float, help="upper clip (DAPO clip-higher; default: --clip-eps)")
+    r.add_argument("--norm", choices=["token", "sequence"], default="token", help="loss normalisation")
+    r.add_argument("--gamma", type=float, default=1e-3, help="bias update speed (0 disables balancing)")
+    r.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts for the reward before/after")
+    r.add_argument("--eval-every", type=int, default=0, help="also evaluate every N GRPO steps (0: only before/after)")
+    r.add_argument("--save", help="checkpoint folder to write at the end")
+    r.add_argument("--save-rollouts", help="folder receiving every rollout batch as msgpack")
+    r.add_argument("--history", help="JSON file receiving the per-step history")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace an existing checkpoint / history (never a folder holding other files)")
+    _engine_args(r, 1, 2)
+
+
+def _validate_rl(a: argparse.Namespace) -> None:
+    from dsray.config import resolve_config
+    from dsray.data import ByteTokenizer
+    from dsray.files import check_checkpoint_target, check_new_file
+
+    _positive(a, warmup_steps=0, warmup_batch=1, warmup_lr=0, group_size=2, prompts=1, updates_per_rollout=1,
+              kl_coef=0, eval_prompts=1, eval_every=0, max_new_tokens=1)
+    if a.clip_eps_high is not None and not a.clip_eps_high > 0:
+        raise ValueError(f"--clip-eps-high {a.clip_eps_high}: expected > 0")
+    if not a.temperature > 0:
+        raise ValueError(f"--temperature {a.temperature}: expected > 0 (GRPO samples its answers)")
+    if not 0 < a.clip_eps < 1:
+        raise ValueError(f"--clip-eps {a.clip_eps}: expected in (0, 1)")
+    cfg = resolve_config(a.preset)
+    if cfg.vocab_size < ByteTokenizer.vocab_size:
+        raise ValueError(f"--preset {a.preset}: vocab_size {cfg.vocab_size} < {ByteTokenizer.vocab_size}, "
+                         "the byte tokenizer of the sort task does not fit")
+    if a.group_size * a.prompts < a.drivers:
+        raise ValueError(f"--group-size {a.group_size} x --prompts {a.prompts} rows is fewer than --drivers "
+                         f"{a.drivers}: each driver needs at least one row")
+    if a.warmup_steps and a.warmup_batch < a.drivers:
+        raise ValueError(f"--warmup-batch {a.warmup_batch} is smaller than --drivers {a.drivers}")
+    if a.save:
+        check_checkpoint_target(a.save, a.overwrite)
+    if a.history:
+        check_new_file(a.history, a.overwrite, "--history")
+    if a.save_rollouts and Path(a.save_rollouts).exists() and not Path(a.save_rollouts).is_dir():
+        raise FileExistsError(f"--save-rollouts {a.save_rollouts} exists and is not a folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsray", description="Expert-parallel DeepSeek-V3 MoE on Ray",
                                 formatter_class=_Help)
@@ -120,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--iterations", type=int, help="stop after N refreshes (default: until Ctrl-C)")
             s.add_argument("--metrics-url", help="read the engine's metrics from a Ray metrics endpoint "
                            "(http://<Router's node>:8080/metrics) instead of connecting to Ray")
+
+    _rl_args(add("rl", "GRPO with rollout routing replay on the toy sort task (SFT warm-up first)"))
 
     r = add("report", "PNG of a finished run's expert load and MaxVio")
     r.add_argument("run", help="run folder, checkpoint folder or dsray_router.json")
@@ -173,6 +235,8 @@ def validate(a: argparse.Namespace) -> None:
                 raise ValueError(f"--prompt-ids {a.prompt_ids!r}: expected comma-separated integers") from None
     if a.cmd == "report":
         check_new_file(a.out, a.overwrite, "--out")
+    if a.cmd == "rl":
+        _validate_rl(a)
     if getattr(a, "placement", "linear") not in ("linear", "round_robin"):
         f = Path(a.placement)
         if not f.is_file():
@@ -188,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
     handlers = {"train": cmd_train, "demo": lambda a: cmd_train(a, demo=True), "generate": cmd_generate,
-                "status": cmd_status, "top": cmd_top, "report": cmd_report}
+                "status": cmd_status, "top": cmd_top, "report": cmd_report, "rl": cmd_rl}
     try:
         validate(a)
         return handlers[a.cmd](a)

@@ -197,3 +197,61 @@ def cmd_report(a: argparse.Namespace) -> int:
 
     print(f"wrote {render_report(load_stats(Path(a.run)), Path(a.out))}")
     return 0
+
+
+class _SortBatches:
+    """`next_batch()` of solved sort-task rows for `train_loop` (the warm-up of `dsray rl`)."""
+
+    def __init__(self, batch_size: int, seed: int) -> None:
+        self.batch_size, self.seed, self.i = batch_size, seed, 0
+
+    def next_batch(self):
+        from dsray.rl.task import sft_batch
+
+        self.i += 1
+        return sft_batch(self.batch_size, self.seed * 1_000_003 + self.i)
+
+
+def cmd_rl(a: argparse.Namespace) -> int:
+    from dsray.config import resolve_config
+    from dsray.rl import task
+    from dsray.rl.loop import evaluate, run_grpo
+    from dsray.runtime import Engine
+
+    kw = engine_kw(a)
+    kw.update(gamma=a.gamma, lr=a.warmup_lr)
+    with Engine.from_config(resolve_config(a.preset), seed=a.seed, **kw) as eng:
+        print(f"dsray: {getattr(eng, 'ray_how', 'ray')}", flush=True)
+        print(f"dsray rl: {eng.num_drivers} driver rank(s) + {eng.num_shards} expert shard(s), preset {a.preset}, "
+              f"replay {'on' if a.replay else 'off'}", flush=True)
+        t0 = time.perf_counter()
+        if a.warmup_steps:
+            hist = train_loop(eng, _SortBatches(a.warmup_batch, a.seed), a.warmup_steps, 50, "warm-up")
+            print(f"warm-up: {a.warmup_steps} SFT steps, loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}, "
+                  f"{time.perf_counter() - t0:.1f} s", flush=True)
+        before = evaluate(eng, task, a.eval_prompts, temperature=a.temperature)
+        print(f"reward before GRPO: {before:.3f} (mean of {a.eval_prompts} held-out prompts, T={a.temperature})",
+              flush=True)
+        if a.kl_coef > 0:
+            eng.set_reference()  # the KL anchor: the warm-up policy, a frozen copy on the same ranks
+        t1 = time.perf_counter()
+        h = run_grpo(eng, task, a.steps, a.group_size, a.prompts, a.max_new_tokens, a.temperature, a.replay,
+                     a.kl_coef, updates_per_rollout=a.updates_per_rollout, clip_eps=a.clip_eps,
+                     clip_eps_high=a.clip_eps_high, norm=a.norm, lr=a.lr, seed=a.seed, eval_every=a.eval_every,
+                     eval_n=a.eval_prompts, save_rollouts=a.save_rollouts)
+        grpo_s = time.perf_counter() - t1
+        after = evaluate(eng, task, a.eval_prompts, temperature=a.temperature)
+        mm = [s["mismatch_tokens"] for s in h.steps if s["mismatch_tokens"] is not None]
+        print(f"reward after {a.steps} GRPO steps: {after:.3f} (before {before:.3f}); GRPO {grpo_s:.1f} s; "
+              f"routing mismatch (tokens, mean over steps) {sum(mm) / len(mm) if mm else 0.0:.3f}", flush=True)
+        if a.history:
+            from dsray.files import write_file_atomic
+
+            doc = {"reward_before": before, "reward_after": after, "grpo_seconds": grpo_s, **h.to_dict()}
+            write_file_atomic(a.history, lambda f: f.write(json.dumps(doc).encode()))
+            print(f"wrote {a.history}", flush=True)
+        if a.save_rollouts:
+            print(f"rollouts in {a.save_rollouts}", flush=True)
+        if a.save:
+            print(f"saved checkpoint to {eng.save(a.save, overwrite=a.overwrite)}", flush=True)
+    return 0
