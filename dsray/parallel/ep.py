@@ -25,11 +25,21 @@ from dsray.parallel.dispatch import AllToAllDispatcher
 from dsray.parallel.placement import Placement
 
 
-def lockstep_layers(cfg: ModelConfig, has_mtp: bool, training: bool) -> list[int]:
-    """Checkpoint indices of the MoE layers all ranks run, in forward order. Training runs the MTP
-    blocks too (their loss trains them); inference (forward, generate) runs the main layers only."""
+MODES = ("train", "grpo", "logprobs", "forward", "generate")
+_MTP_MODES = ("train",)  # the MTP blocks' loss trains them; every other mode uses the main model only
+
+
+def lockstep_layers(cfg: ModelConfig, has_mtp: bool, mode: str) -> list[int]:
+    """Checkpoint indices of the MoE layers every rank runs in `mode`, in forward order: the main layers,
+    plus the MTP blocks' layers when training with MTP (their loss trains them)."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {MODES}")
     return [layer for layer in cfg.moe_layers
-            if layer < cfg.num_hidden_layers or (training and has_mtp)]
+            if layer < cfg.num_hidden_layers or (mode in _MTP_MODES and has_mtp)]
+
+
+def needs_grad(mode: str) -> bool:
+    return mode in ("train", "grpo")
 
 
 class A2ATimer:
@@ -62,8 +72,8 @@ class EPContext:
     def rank(self) -> int:
         return dist.get_rank(self.group)
 
-    def layers(self, training: bool) -> list[int]:
-        return lockstep_layers(self.cfg, self.has_mtp, training)
+    def layers(self, mode: str) -> list[int]:
+        return lockstep_layers(self.cfg, self.has_mtp, mode)
 
 
 class _Timed:
@@ -99,18 +109,20 @@ def apply_ep(model, ctx: EPContext) -> None:
         moe.experts = None
 
 
-def expert_pass(ctx: EPContext, experts: Mapping[int, RoutedExperts], training: bool,
+def expert_pass(ctx: EPContext, experts: Mapping[int, RoutedExperts], mode: str,
                 device: torch.device, dtype: torch.dtype) -> Tensor:
-    """One lockstep pass over the context's layers with no tokens; `experts` maps layer -> local experts.
+    """One lockstep pass over `mode`'s layers with no tokens; `experts` maps layer -> local experts
+    (absent: a token rank with nothing to do this pass).
 
-    With training=True the returned [0, D] tensor carries the whole chain; `h.backward(torch.zeros_like(h))`
+    In a grad mode the returned [0, D] tensor carries the whole chain; `h.backward(torch.zeros_like(h))`
     then replays the collectives in reverse layer order, meeting the token ranks' backward."""
     K, D = ctx.cfg.num_experts_per_tok, ctx.cfg.hidden_size
-    with torch.set_grad_enabled(training):
-        h = torch.zeros(0, D, device=device, dtype=dtype, requires_grad=training)
+    grad = needs_grad(mode)
+    with torch.set_grad_enabled(grad):
+        h = torch.zeros(0, D, device=device, dtype=dtype, requires_grad=grad)
         ids = torch.zeros(0, K, device=device, dtype=torch.int64)
         w = torch.zeros(0, K, device=device, dtype=torch.float32)
-        for layer in ctx.layers(training):
+        for layer in ctx.layers(mode):
             d = make_dispatcher(ctx, layer)
             x_RD, counts, meta = d.dispatch(h, w, ids)
             ex = experts.get(layer)

@@ -1,12 +1,21 @@
-"""Engine: the job driver's API. Starts the Router, D DriverRanks and S ExpertShards, and drives steps.
+"""Engine: the job driver's API. Starts the Router and one RankGroup (D DriverRanks + S ExpertShards),
+and orchestrates steps; placement changes live in reshard.py, checkpoints in persist.py, failure
+recovery in recovery.py.
 
     with Engine.from_config("debug", num_drivers=2, num_shards=3) as eng:
         out = eng.train_step(batch)          # one actor call per rank per step
         ids = eng.generate(prompt_ids, 32)
         eng.save("ckpt/")
 
+The token path of one step: the Engine sends each driver its rows (and the Router's bias) and each
+shard a bare "run this mode" call; drivers embed, attend, gate, and dispatch each token's hidden state
+once to every shard holding one of its experts (all-to-all over one torch.distributed group); shards
+run their experts and return one gate-weighted row per (token, shard); drivers finish the layer and
+the next. Drivers return loss / logits / ids and per-expert counts; the Engine reports the counts to
+the Router, whose new bias rides along with the next step's calls.
+
 It joins a cluster when RAY_ADDRESS is set (as inside `ray job submit`) and starts an embedded local
-Ray otherwise. Every actor and the placement group are removed on shutdown, on error and on Ctrl-C.
+Ray otherwise. Every actor and placement group is removed on shutdown, on error and on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -15,21 +24,20 @@ import atexit
 import logging
 import os
 import time
-import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from dsray.config import ModelConfig, resolve_config
+from dsray.config import GenerationConfig, ModelConfig, resolve_config
 from dsray.files import read_json_object
 from dsray.parallel.placement import Placement
-from dsray.runtime.cluster import Resources, check_fits, connect, wait_placed
-from dsray.runtime.ranks import DTYPES, RankSpec
+from dsray.runtime.cluster import Resources, connect
+from dsray.runtime.group import NAMESPACE, RankFailure, RankGroup
+from dsray.runtime.rank import DTYPES, RankSpec
 
-log = logging.getLogger(__name__)
-NAMESPACE = "dsray"
+log = logging.getLogger("dsray")
 
 
 def router_name(engine: str) -> str:
@@ -39,16 +47,17 @@ def router_name(engine: str) -> str:
 class Engine:
     def __init__(self, config: ModelConfig, *, checkpoint: str | os.PathLike | None = None, seed: int = 0,
                  num_drivers: int = 1, num_shards: int = 1, device: str = "cpu", dtype: str | torch.dtype = "float32",
-                 placement: str | Placement | dict | list = "linear", name: str = "dsray", gamma: float = 1e-3,
-                 lr: float = 1e-3, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
-                 mtp_weight: float = 0.3, clip_grad_norm: float = 0.0, seq_aux_alpha: float = 0.0,
-                 expert_impl: str = "grouped",
-                 threads: int = 1,
+                 placement: str | Placement | dict | list = "linear", name: str = "dsray", gamma: float | None = None,
+                 bias_rule: str = "prop", lr: float = 1e-3, weight_decay: float = 0.1,
+                 betas: tuple[float, float] = (0.9, 0.95), mtp_weight: float = 0.3, clip_grad_norm: float = 0.0,
+                 seq_aux_alpha: float = 0.0, expert_impl: str = "grouped", threads: int = 1,
                  driver_resources: Resources | dict | None = None,
                  shard_resources: Resources | dict | list | None = None, strategy: str = "PACK",
                  step_timeout_s: float = 600.0, init_timeout_s: float = 300.0, metrics: bool = True,
-                 resume_optimizer: bool = True, address: str | None = None,
-                 wait_for_nodes_s: float = 0.0) -> None:
+                 resume_optimizer: bool = True, address: str | None = None, wait_for_nodes_s: float = 0.0,
+                 recovery: bool = True, snapshot_every: int = 1) -> None:
+        from dsray.runtime.balance import BiasUpdater
+
         # ---- validate everything before any actor starts ----------------------------------------
         if num_drivers < 1:
             raise ValueError(f"num_drivers={num_drivers}: expected >= 1")
@@ -61,18 +70,21 @@ class Engine:
         dtype_name = str(dtype).removeprefix("torch.")
         if dtype_name not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
-        if gamma < 0:
-            raise ValueError(f"gamma={gamma}: expected >= 0")
         if strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ValueError(f"strategy={strategy!r}: expected a Ray placement strategy")
         if not config.has_moe and num_shards:
             raise ValueError("this config has no MoE layers: use num_shards=0")
+        if seq_aux_alpha < 0:
+            raise ValueError(f"seq_aux_alpha={seq_aux_alpha}: expected >= 0 (DeepSeek-V3 used 1e-4; 0 disables)")
+        if clip_grad_norm < 0:
+            raise ValueError(f"clip_grad_norm={clip_grad_norm}: expected >= 0 (0 disables)")
+        if snapshot_every < 0:
+            raise ValueError(f"snapshot_every={snapshot_every}: expected >= 0 (0: no in-memory snapshots)")
         self.cfg, self.name = config, name
-        self._strategy = strategy
         self.D, self.S = num_drivers, num_shards
-        self.ray_how = "not started"
         self.device, self.dtype = device, dtype_name
-        self.mtp_weight, self.lr = mtp_weight, lr
+        self.dtype_bytes = torch.empty(0, dtype=DTYPES[dtype_name]).element_size()
+        self.mtp_weight, self.lr, self.seq_aux_alpha = mtp_weight, lr, seq_aux_alpha
         self.step_timeout_s, self.init_timeout_s = step_timeout_s, init_timeout_s
         self.checkpoint = str(Path(checkpoint).resolve()) if checkpoint else None
         self.has_mtp = config.num_nextn_predict_layers > 0
@@ -81,11 +93,13 @@ class Engine:
 
             reader = CheckpointReader(self.checkpoint)  # fails fast on a missing/bad folder
             self.has_mtp = self.has_mtp and f"model.layers.{config.num_hidden_layers}.eh_proj.weight" in reader
+        self.generation = GenerationConfig.for_model(config, self.checkpoint)
         world = self.D + self.S
-        shard_ranks = list(range(self.D, world))
-        self.placement = self._placement(placement, shard_ranks, world) if self.S else None
-        self.moe_layers = [layer for layer in config.moe_layers
-                           if self.has_mtp or layer < config.num_hidden_layers]
+        self.placement = self.make_placement(placement, list(range(self.D, world)), world) if self.S else None
+        from dsray.parallel.ep import lockstep_layers
+
+        self.moe_layers = lockstep_layers(config, self.has_mtp, "train")
+        BiasUpdater(len(self.moe_layers), config.n_routed_experts, bias_rule, gamma)  # validates rule and gamma
         drv_res = Resources.of(driver_resources, device)
         if isinstance(shard_resources, list):
             if len(shard_resources) != self.S:
@@ -93,87 +107,66 @@ class Engine:
             shard_res = [Resources.of(r, device) for r in shard_resources]
         else:
             shard_res = [Resources.of(shard_resources, device)] * self.S
-        if seq_aux_alpha < 0:
-            raise ValueError(f"seq_aux_alpha={seq_aux_alpha}: expected >= 0 (DeepSeek-V3 used 1e-4; 0 disables)")
-        self.seq_aux_alpha = seq_aux_alpha
-        if clip_grad_norm < 0:
-            raise ValueError(f"clip_grad_norm={clip_grad_norm}: expected >= 0 (0 disables)")
+        self.shard_resources = shard_res[-1] if shard_res else Resources.of(None, device)
         optim = {"lr": lr, "beta1": betas[0], "beta2": betas[1], "weight_decay": weight_decay, "eps": 1e-8,
                  "clip_grad_norm": clip_grad_norm}
-        conf = config.to_dict()
-        self._specs = [RankSpec(rank=r, n_drivers=self.D, n_shards=self.S, config=conf,
-                                placement=self.placement.to_dict() if self.placement else None,
-                                has_mtp=self.has_mtp, checkpoint=self.checkpoint, seed=seed, dtype=dtype_name,
-                                device=device, expert_impl=expert_impl, threads=threads, optim=optim)
-                       for r in range(world)]
+        specs = [RankSpec(rank=r, n_drivers=self.D, n_shards=self.S, config=config.to_dict(),
+                          placement=self.placement.to_dict() if self.placement else None, has_mtp=self.has_mtp,
+                          checkpoint=self.checkpoint, seed=seed, dtype=dtype_name, device=device,
+                          expert_impl=expert_impl, threads=threads, optim=optim) for r in range(world)]
+        self._step, self.optim_step, self.trained = 0, 0, False
+        self._reports: list = []  # Router reports not yet confirmed (forward-only modes)
+        self.recovery_enabled, self.snapshot_every = recovery, snapshot_every
 
         # ---- start ------------------------------------------------------------------------------
         import ray
-        from ray.util.placement_group import placement_group, remove_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        self._ray, self._remove_pg = ray, remove_placement_group
-        self._closed = False
-        self.drivers: list = []
-        self.shards: list = []
+        self._ray, self._closed, self._broken = ray, False, False
+        self.group: RankGroup | None = None
         self.router = None
-        self.pg = None
-        self._shard_res = shard_res
-        self._extra_pgs: list = []
-        self._broken = False
-        self._own_ray, how = connect(address, int(sum(b.num_cpus for b in [drv_res] * self.D + shard_res)) + 1)
-        log.info("dsray: %s", how)
-        self.ray_how = how
+        self._own_ray, self.ray_how = connect(address, int(drv_res.num_cpus * self.D
+                                                          + sum(r.num_cpus for r in shard_res)) + 1)
+        log.info("dsray: %s", self.ray_how)
         atexit.register(self.shutdown)
         try:
             if router_name(name) in named_actors():
                 raise ValueError(f"an engine named {name!r} is already running on this cluster; pick another name")
-            bundles = [drv_res.bundle()] * self.D + [r.bundle() for r in shard_res]
-            check_fits(bundles, strategy, wait_for_nodes_s)
-            self.pg = placement_group(bundles, strategy=strategy, name=f"dsray-{name}-{uuid.uuid4().hex[:6]}")
-            wait_placed(self.pg, bundles, init_timeout_s)
-            self._pg_strategy = PlacementGroupSchedulingStrategy
-            for r, spec in enumerate(self._specs):
-                res = drv_res if r < self.D else shard_res[r - self.D]
-                (self.drivers if r < self.D else self.shards).append(self._start_rank(spec, res, self.pg, r))
-            self.nodes = self._wait([a.node_info.remote() for a in self.ranks], init_timeout_s, "start ranks")
+            self.group = RankGroup(name, specs, [drv_res] * self.D + shard_res, strategy=strategy,
+                                   init_timeout_s=init_timeout_s, wait_for_nodes_s=wait_for_nodes_s)
             if world > 1:
-                self._init_group()
-            stats = self._load_router_state()
-            bias = ray.get(self.drivers[0].state_bias.remote(), timeout=init_timeout_s)
-            self.router = ray.remote(_router_cls()).options(
-                name=router_name(name), namespace=NAMESPACE, num_cpus=0, max_concurrency=4,
-            ).remote(name, self.moe_layers, config.n_routed_experts, self.placement.to_dict() if self.placement
-                     else {"version": 0}, gamma=gamma, bias=bias.tolist(), step=stats.get("step", 0),
-                     history=stats.get("history"), metrics=metrics)
-            self._bias = bias
+                self.group.init_process_group(step_timeout_s)
+            stats = self._load_json("dsray_router.json")
+            self._bias = self.group.execute("state_bias", ranks=[0], timeout=init_timeout_s)[0]
+            self._router_args = dict(engine=name, moe_layers=self.moe_layers, n_experts=config.n_routed_experts,
+                                     gamma=gamma, bias_rule=bias_rule, metrics=metrics, lr=lr)
+            self._start_router(self._bias.tolist(), stats.get("step", 0), stats.get("history"),
+                               stats.get("balance"))
             self._step = stats.get("step", 0)
-            if self.checkpoint and resume_optimizer and (Path(self.checkpoint) / "optimizer.safetensors").exists():
-                self._import_optimizer(Path(self.checkpoint))
+            from dsray.runtime.persist import has_optimizer
+
+            if self.checkpoint and resume_optimizer and has_optimizer(self.checkpoint):
+                step = self._load_json("dsray_state.json").get("optim_step", 0)
+                self.group.execute("import_optimizer", [(self.checkpoint, step)] * world, timeout=init_timeout_s,
+                                   what="restore optimizer")
+                self.optim_step, self.trained = step, step > 0
             self._report_placement()
+            from dsray.runtime.recovery import Recovery
+
+            self.recovery = Recovery(self)
+            self._last_requests_check = 0.0
         except BaseException:
             self.shutdown(graceful=False)
             raise
 
+    def _start_router(self, bias: list, step: int, history: dict | None, balance: dict | None) -> None:
+        from dsray.runtime.router import Router
+
+        self.router = self._ray.remote(Router).options(
+            name=router_name(self.name), namespace=NAMESPACE, num_cpus=0, max_concurrency=4,
+        ).remote(placement=self.placement.to_dict() if self.placement else {"version": 0}, bias=bias, step=step,
+                 history=history, balance_state=balance, **self._router_args)
+
     # ---- construction helpers ----------------------------------------------------------------------
-    def _start_rank(self, spec: RankSpec, res: Resources, pg, bundle: int):
-        from dsray.runtime.ranks import DriverRank, ExpertShard
-
-        driver = spec.rank < self.D
-        env = {"env_vars": {"NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE", "0")}}
-        return self._ray.remote(DriverRank if driver else ExpertShard).options(
-            num_cpus=res.num_cpus, num_gpus=res.num_gpus, resources=res.resources or None,
-            scheduling_strategy=self._pg_strategy(pg, placement_group_bundle_index=bundle),
-            name=f"dsray-{self.name}-{'driver' if driver else 'shard'}-{spec.rank}-{uuid.uuid4().hex[:4]}",
-            namespace=NAMESPACE, runtime_env=env, max_restarts=0,
-        ).remote(spec)
-
-    def _init_group(self, **changes: Any) -> None:
-        """Rank 0 reports (addr, port); every rank joins the world group (bounded wait)."""
-        addr, port = self._ray.get(self.drivers[0].master_addr.remote(), timeout=self.init_timeout_s)
-        self._wait([a.init_process_group.remote(addr, port, self.step_timeout_s, **changes) for a in self.ranks],
-                   self.init_timeout_s, "init process group")
-
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kw: Any) -> "Engine":
         """Load a HF deepseek_v3 folder: drivers read the dense weights, each shard only its experts."""
@@ -185,7 +178,7 @@ class Engine:
         own slice deterministically (same weights as `Transformer.from_config(cfg, seed)`)."""
         return cls(resolve_config(config), seed=seed, **kw)
 
-    def _placement(self, spec, shard_ranks: list[int], world: int) -> Placement:
+    def make_placement(self, spec, shard_ranks: list[int], world: int) -> Placement:
         E = self.cfg.n_routed_experts
         if isinstance(spec, Placement):
             p = spec
@@ -193,15 +186,17 @@ class Engine:
             p = Placement.linear(E, shard_ranks, world)
         elif spec in ("round_robin", "round-robin"):
             p = Placement.round_robin(E, shard_ranks, world)
+        elif spec == "grouped":
+            p = Placement.grouped(E, self.cfg.n_group, shard_ranks, world)
         elif isinstance(spec, dict) and "slots" in spec:
             p = Placement.from_dict(spec)
         elif isinstance(spec, (dict, list)):
             # explicit table: shard index (0..S-1) -> experts
             items = spec.items() if isinstance(spec, dict) else enumerate(spec)
-            table = {self.D + int(k): list(v) for k, v in items}
-            p = Placement.from_table(table, E, world)
+            p = Placement.from_table({self.D + int(k): list(v) for k, v in items}, E, world)
         else:
-            raise ValueError(f"placement={spec!r}: expected 'linear', 'round_robin', a Placement or a table")
+            raise ValueError(f"placement={spec!r}: expected 'linear', 'round_robin', 'grouped', a Placement "
+                             "or a table")
         if p.world_size != world or any(p.local_experts(r) for r in range(self.D)):
             raise ValueError(f"placement must put experts only on shard ranks {shard_ranks} of a world of {world}")
         return p
@@ -215,64 +210,36 @@ class Engine:
         return self.S
 
     @property
-    def ranks(self) -> list:
-        return self.drivers + self.shards
+    def drivers(self) -> list:
+        return self.group.actors[:self.D]
 
-    def _load_router_state(self) -> dict[str, Any]:
-        if not self.checkpoint:
-            return {}
-        f = Path(self.checkpoint) / "dsray_router.json"
-        if not f.exists():
-            return {}
-        return read_json_object(f, "router statistics")
+    @property
+    def shards(self) -> list:
+        return self.group.actors[self.D:]
 
-    def _import_optimizer(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
-        state_file = folder / "dsray_state.json"
-        step = read_json_object(state_file, "dsray state").get("optim_step", 0) if state_file.exists() else 0
-        optim = load_file(folder / "optimizer.safetensors")  # safetensors: never unpickles
-        self._wait([a.import_optimizer.remote(optim, step) for a in self.ranks], self.init_timeout_s,
-                   "restore optimizer")
+    def _load_json(self, name: str) -> dict[str, Any]:
+        f = Path(self.checkpoint) / name if self.checkpoint else None
+        return read_json_object(f, name) if f is not None and f.exists() else {}
 
     def _report_placement(self) -> None:
-        mem = self._wait([s.memory.remote() for s in self.shards], self.step_timeout_s, "shard memory")
-        shards = {str(self.D + j): {"node": self.nodes[self.D + j]["ip"], **m} for j, m in enumerate(mem)}
-        self._ray.get(self.router.set_placement.remote(self.placement.to_dict() if self.placement
-                                                       else {"version": 0}, shards), timeout=60)
+        mem = self.group.execute("memory", ranks=range(self.D, self.D + self.S), timeout=self.step_timeout_s)
+        shards = {str(self.D + j): {"node": self.group.nodes[self.D + j]["ip"], **m} for j, m in enumerate(mem)}
+        self.router_call("set_placement", self.placement.to_dict() if self.placement else {"version": 0}, shards)
 
-    # ---- waiting with timeouts and health checks ---------------------------------------------------
-    def _wait(self, futures: list, timeout: float, what: str) -> list:
-        """All results, or a RuntimeError naming the failed/stuck ranks; the first failure aborts at once
-        (its peers would otherwise sit in a collective until the process-group timeout)."""
-        ray = self._ray
-        index = {f: i for i, f in enumerate(futures)}
-        pending, deadline = list(futures), time.monotonic() + timeout
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-            if not ready:
-                stuck = sorted(index[f] for f in pending)
-                alive = self._health()
-                self._broken = True
-                raise RuntimeError(f"{what}: rank(s) {stuck} did not finish within {timeout:.0f}s; "
-                                   f"rank liveness {alive}")
-            try:
-                ray.get(ready[0])
-            except Exception as e:  # noqa: BLE001 - re-raised with context
-                self._broken = True
-                raise RuntimeError(f"{what}: rank {index[ready[0]]} failed: {e}") from e
-        return ray.get(futures)
-
-    def _health(self) -> dict[int, bool]:
-        pings = {i: a.ping.remote() for i, a in enumerate(self.ranks)}
-        ready, _ = self._ray.wait(list(pings.values()), num_returns=len(pings), timeout=5)
-        return {i: f in ready for i, f in pings.items()}
+    def record_change(self, kind: str, new: Placement, moved: int, seconds: float) -> None:
+        self._report_placement()
+        if getattr(self, "recovery", None) is not None:
+            self.recovery.snapshot()  # a new layout: recovery restores from here
+        self.last_change = {"kind": kind, "version": new.version, "bytes_moved": moved, "seconds": seconds}
+        log.info("dsray: %s -> placement v%d, %d bytes moved rank to rank in %.2fs", kind, new.version, moved,
+                 seconds)
 
     def _check(self) -> None:
         if self._closed:
             raise RuntimeError(f"engine {self.name!r} is shut down")
         if self._broken:
-            raise RuntimeError(f"engine {self.name!r} failed in an earlier step; shut it down and start again")
+            raise RuntimeError(f"engine {self.name!r} failed in an earlier step and could not recover; "
+                               "shut it down and start again from the last checkpoint")
 
     def _ids(self, ids: torch.Tensor | list, min_len: int = 1) -> torch.Tensor:
         t = torch.as_tensor(ids)
@@ -287,8 +254,69 @@ class Engine:
                              f"[{int(t.min())}, {int(t.max())}]")
         return t.long()
 
-    def _split(self, ids: torch.Tensor) -> list[torch.Tensor]:
-        return list(torch.tensor_split(ids, self.D))
+    def _split(self, t: torch.Tensor | None) -> list:
+        return [None] * self.D if t is None else list(torch.tensor_split(t, self.D))
+
+    # ---- one step: fan out, recover, report --------------------------------------------------------
+    def _run(self, what: str, calls: Callable[[], dict[int, Any]]) -> list[Any]:
+        """Issue one step's calls (one per rank) and wait; on a rank failure, recover and replay the
+        step (recovery.py) — the caller gets the result as if nothing had happened."""
+        self._check()
+        self._apply_requests()
+        try:
+            return self.group.wait(calls(), self.step_timeout_s, what)
+        except RankFailure as failure:
+            if not self.recovery_enabled:
+                self._broken = True
+                raise
+            return self.recovery.recover(failure, what, calls)
+
+    def _report(self, mode: str, res: list[dict], tokens: int, seconds: float, wait: bool, **kw: Any):
+        counts = np.sum([r["counts"] for r in res if r.get("counts") is not None], axis=0)
+        L = len(self.moe_layers)
+        counts = np.zeros((L, self.cfg.n_routed_experts), np.int64) if np.ndim(counts) != 2 else counts
+        if counts.shape[0] < L:  # forward-only modes skip the MTP blocks (the last layers): zero counts
+            counts = np.concatenate([counts, np.zeros((L - counts.shape[0], counts.shape[1]), counts.dtype)])
+        self._drain_reports()  # in order: the Router serves calls on several threads
+        rec = self.recovery if getattr(self, "recovery", None) is not None and self.recovery.replaying else None
+        if rec is not None:  # a replayed step after recovery: the Router has counted it already
+            return rec.recorded.pop(0) if wait else None
+        args = (mode, counts)
+        kw = dict(step_seconds=seconds, tokens=tokens, a2a=res[0]["a2a"], **kw)
+        if not wait:  # forward-only modes change no routing state the next step needs: off the critical path
+            self._reports.append(self.router_call("report", *args, wait=False, **kw))
+            return None
+        return self.router_call("report", *args, **kw)
+
+    def _drain_reports(self) -> None:
+        pending, self._reports = self._reports, []
+        try:
+            if pending:
+                self._ray.get(pending, timeout=60)
+        except self._ray.exceptions.RayActorError:
+            self.router_call("get_bias")  # recovers the Router; the mirror replays the lost reports
+
+    # Router calls that change its state; the Engine mirrors them (recovery.py) so a restarted Router
+    # ends up exactly where the dead one was.
+    _MIRRORED = ("report", "set_placement", "add_extra", "confirm")
+
+    def router_call(self, method: str, *args: Any, wait: bool = True, **kw: Any) -> Any:
+        entry = (method, args, kw)
+        mirror = getattr(self, "recovery", None) if method in self._MIRRORED else None
+        if mirror is not None:
+            mirror.router_log.append(entry)
+        ref = getattr(self.router, method).remote(*args, **kw)
+        if not wait:
+            return ref
+        try:
+            return self._ray.get(ref, timeout=60)
+        except self._ray.exceptions.RayActorError as e:
+            if not self.recovery_enabled or getattr(self, "recovery", None) is None:
+                raise
+            if mirror is not None and mirror.router_log and mirror.router_log[-1] is entry:
+                mirror.router_log.pop()  # re-sent below, once, to the new Router
+            self.recovery.recover_router(e)
+            return self.router_call(method, *args, **kw)
 
     # ---- steps --------------------------------------------------------------------------------------
     def train_step(self, batch: torch.Tensor, lr: float | None = None) -> dict[str, Any]:
@@ -299,55 +327,141 @@ class Engine:
         if ids.shape[0] < self.D:
             raise ValueError(f"batch of {ids.shape[0]} sequences for {self.D} driver ranks: need >= 1 each")
         t0 = time.perf_counter()
-        n_tokens = ids.shape[0] * (ids.shape[1] - 1)
-        step = self._step
-        lr = self.lr if lr is None else lr
-        futs = [d.train_step.remote(step, part, self._bias, n_tokens, lr, self.mtp_weight, self.seq_aux_alpha,
-                                    ids.shape[0]) for d, part in zip(self.drivers, self._split(ids))]
-        futs += [s.train_step.remote(step, lr) for s in self.shards]
-        res = self._wait(futs, self.step_timeout_s, f"train step {step}")
+        n_tokens, step, lr = ids.shape[0] * (ids.shape[1] - 1), self._step, self.lr if lr is None else lr
+        self.recovery.before_step(lambda: self.train_step(batch, lr))
+
+        def calls():
+            f = self.group.execute_async("train_step", [
+                (step, part, self._bias, n_tokens, lr, self.mtp_weight, self.seq_aux_alpha, ids.shape[0])
+                for part in self._split(ids)], ranks=range(self.D))
+            f.update(self.group.execute_async("train_step", [(step, lr, "train")] * self.S,
+                                              ranks=range(self.D, self.D + self.S)))
+            return f
+
+        res = self._run(f"train step {step}", calls)
         drv = res[:self.D]
-        counts = np.sum([r["counts"] for r in drv], axis=0)
         loss = float(sum(r["loss"] for r in drv))
         mtp = float(sum(r["mtp_loss"] for r in drv)) if drv[0]["mtp_loss"] is not None else None
         seconds = time.perf_counter() - t0
-        rep = self._ray.get(self.router.report.remote(
-            "train", counts, loss=loss, mtp_loss=mtp, step_seconds=seconds, tokens=int(ids.numel()),
-            a2a=drv[0]["a2a"]), timeout=60)
-        self._bias = rep["bias"]
-        self._step = rep["step"]
-        return {"step": self._step, "loss": loss, "mtp_loss": mtp, "counts": counts,
+        rep = self._report("train", drv, int(ids.numel()), seconds, True, loss=loss, mtp_loss=mtp, lr=lr)
+        self._after_step(rep)
+        return {"step": self._step, "loss": loss, "mtp_loss": mtp, "counts": np.sum([r["counts"] for r in drv], 0),
                 "grad_norm": drv[0]["grad_norm"] or None,
                 "balance_loss": (float(sum(r["balance_loss"] for r in drv))
                                  if drv[0]["balance_loss"] is not None else None),
                 "maxvio_batch": rep["maxvio_batch"], "maxvio_window": rep["maxvio_window"],
                 "step_time_s": seconds, "tokens_per_s": ids.numel() / seconds,
-                "shard_memory": [r for r in res[self.D:]]}
+                "shard_memory": list(res[self.D:])}
+
+    def _after_step(self, rep: dict[str, Any]) -> None:
+        self._bias, self._step = rep["bias"], rep["step"]
+        self.optim_step, self.trained = self.optim_step + 1, True
+        self.recovery.after_step(rep)
+
+    def grpo_step(self, batch: dict[str, torch.Tensor], *, replay: bool = True, clip_eps: float = 0.2,
+                  clip_eps_high: float | None = None, kl_coef: float = 0.0, norm: str = "token",
+                  temperature: float = 1.0, lr: float | None = None) -> dict[str, Any]:
+        """One GRPO policy step (dsray.rl.policy.policy_loss on the drivers, experts on the shards).
+
+        `batch`: ids [B, S], completion_mask [B, S-1] bool, advantages [B], logprobs [B, S-1] (the
+        rollout's), optional ref_logprobs [B, S-1] and routing [B, S, L, K]. With `replay` and routing
+        given, every token uses the rollout's experts (gate weights from the live scores); without
+        replay the result reports how many tokens' experts differ from the rollout's."""
+        from dsray.rl.policy import check_batch
+
+        self._check()
+        check_batch(batch, self.cfg)
+        ids = batch["ids"]
+        if ids.shape[0] < self.D:
+            raise ValueError(f"batch of {ids.shape[0]} rows for {self.D} driver ranks: need >= 1 each")
+        kw = dict(replay=replay, clip_eps=clip_eps, clip_eps_high=clip_eps_high, kl_coef=kl_coef, norm=norm,
+                  temperature=temperature)
+        n_norm = float(batch["completion_mask"].sum()) if norm == "token" else float(ids.shape[0])
+        n_norm = max(n_norm, 1.0)
+        t0, step, lr = time.perf_counter(), self._step, self.lr if lr is None else lr
+        parts = [{k: (list(torch.tensor_split(v, self.D))[i] if torch.is_tensor(v) and v.dim() else v)
+                  for k, v in batch.items()} for i in range(self.D)]
+        self.recovery.before_step(lambda: self.grpo_step(batch, lr=lr, **kw))
+
+        def calls():
+            f = self.group.execute_async("grpo_step", [(step, p, self._bias, lr, kw, n_norm) for p in parts],
+                                         ranks=range(self.D))
+            f.update(self.group.execute_async("train_step", [(step, lr, "grpo")] * self.S,
+                                              ranks=range(self.D, self.D + self.S)))
+            return f
+
+        drv = self._run(f"grpo step {step}", calls)[:self.D]
+        out = _merge_grpo_stats([r["stats"] for r in drv])
+        out["loss"] = float(sum(r["loss"] for r in drv))
+        seconds = time.perf_counter() - t0
+        extra = {k: out[k] for k in ("mismatch_tokens", "mismatch_pairs") if out.get(k) is not None}
+        rep = self._report("grpo", drv, int(ids.numel()), seconds, True, loss=out["loss"], lr=lr, extra=extra)
+        self._after_step(rep)
+        return {**out, "step": self._step, "seconds": seconds, "maxvio_batch": rep["maxvio_batch"]}
+
+    def set_reference(self) -> int:
+        """Freeze the current weights as the reference policy of the KL term, on the ranks that hold them
+        (+1x the weights in memory, no optimizer state, no second engine). Returns its bytes."""
+        self._check()
+        return int(sum(self.group.execute("set_reference", timeout=self.step_timeout_s)))
+
+    def _forward_only(self, mode: str, what: str, per_driver: list[tuple], reference: bool = False) -> list[dict]:
+        def calls():
+            f = self.group.execute_async(mode, per_driver, ranks=range(self.D))
+            f.update(self.group.execute_async("serve", [(mode, reference)] * self.S,
+                                              ranks=range(self.D, self.D + self.S)))
+            return f
+
+        return self._run(what, calls)[:self.D]
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Logits [B, S, V] (fp32 on CPU); last_only=True returns [B, 1, V] (B*S*V*4 bytes otherwise
         travel back through Ray: 256 MiB for 8x1024 tokens of an 8k vocab)."""
-        self._check()
         ids = self._ids(input_ids)
         t0 = time.perf_counter()
-        futs = [d.forward.remote(part, self._bias, last_only) for d, part in zip(self.drivers, self._split(ids))]
-        futs += [s.serve.remote() for s in self.shards]
-        res = self._wait(futs, self.step_timeout_s, "forward")[:self.D]
-        self._report("forward", res, ids.numel(), time.perf_counter() - t0)
+        res = self._forward_only("forward", "forward", [(p, self._bias, last_only) for p in self._split(ids)])
+        self._report("forward", res, ids.numel(), time.perf_counter() - t0, False)
         return torch.cat([r["logits"] for r in res if r["logits"] is not None])
 
+    def logprobs(self, ids: torch.Tensor, routing: torch.Tensor | None = None, temperature: float = 1.0,
+                 reference: bool = False) -> torch.Tensor:
+        """[B, S-1] fp32: log-prob of each next token (only this small tensor comes back through Ray).
+        `routing` [B, S, L, K] replays recorded experts; `reference` uses the set_reference() weights."""
+        ids = self._ids(ids, 2)
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature}: expected > 0")
+        if routing is not None and tuple(routing.shape[:2]) != tuple(ids.shape):
+            raise ValueError(f"routing: shape {tuple(routing.shape)}, expected [{ids.shape[0]}, {ids.shape[1]}, L, K]")
+        t0 = time.perf_counter()
+        res = self._forward_only("logprobs", "logprobs", [(p, self._bias, r, temperature, reference)
+                                                          for p, r in zip(self._split(ids), self._split(routing))],
+                                 reference)
+        self._report("logprobs", res, ids.numel(), time.perf_counter() - t0, False)
+        return torch.cat([r["logprobs"] for r in res if r["logprobs"] is not None])
+
     @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor | list, max_new_tokens: int, temperature: float | None = 0.0,
+    def generate(self, input_ids: torch.Tensor | list, max_new_tokens: int, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: int | tuple | None = None,
-                 seed: int | None = None) -> torch.Tensor | list[torch.Tensor]:
-        """Prompt + new ids. A [B, S] tensor gives a [B, S + n] tensor (rows that stop at eos are padded
-        with eos); a list of prompts of any lengths gives a list of 1-D tensors in the same order.
-        Greedy at temperature 0, else sampled (top-k / top-p; `seed` makes it repeatable for a given
-        number of drivers)."""
+                 seed: int | None = None, pad_token_id: int | None = None, return_routing: bool = False,
+                 return_logprobs: bool = False):
+        """Prompt + new ids; defaults follow the checkpoint (generation_config.json, else config.json) as
+        HF's `generate` does. A [B, S] tensor gives [B, S + n] (rows that stopped padded with the pad id,
+        default the eos id); a list of prompts of any lengths (one left-padded batch per driver) gives a
+        list of rows cut after their first eos. `eos_token_id=()` never stops early.
+
+        return_routing / return_logprobs add, in that order, per row (list input) or stacked (tensor
+        input): the logical expert ids of every position [len, L, K] (uint8 for <= 256 experts, else
+        int16) and the sampled tokens' log-probs [n_new] under softmax(logits / temperature)."""
+        from dsray.model.decode import Sampling
+
         self._check()
-        temperature = 0.0 if temperature is None else temperature
-        eos_token_id = None if eos_token_id == () else eos_token_id
+        temperature, top_k, top_p = self.generation.sampling(temperature, top_k, top_p)
+        eos = self.generation.eos_token_id if eos_token_id is None else (
+            (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
+        pad = pad_token_id if pad_token_id is not None else (
+            self.generation.pad_token_id if self.generation.pad_token_id is not None else (eos[0] if eos else 0))
+        s = Sampling(temperature, top_k, top_p, eos, int(pad))  # ValueError here, before any actor runs
         as_list = isinstance(input_ids, (list, tuple))
         prompts = [self._ids(p)[0] for p in input_ids] if as_list else list(self._ids(input_ids))
         if not prompts:
@@ -359,144 +473,100 @@ class Engine:
             raise ValueError(f"prompt + max_new_tokens = {longest + max_new_tokens} exceeds "
                              f"max_position_embeddings={self.cfg.max_position_embeddings}")
         t0 = time.perf_counter()
-        # Contiguous blocks of prompts per driver keep each driver's length groups large.
-        parts = [list(range(len(prompts)))[k::self.D] for k in range(self.D)] if as_list else \
-            [list(c) for c in torch.tensor_split(torch.arange(len(prompts)), self.D)]
-        parts = [[int(i) for i in part] for part in parts]
-        futs = [d.generate.remote([prompts[i] for i in part], self._bias, max_new_tokens, temperature, top_k,
-                                  top_p, eos_token_id, None if seed is None else seed + k)
-                for k, (d, part) in enumerate(zip(self.drivers, parts))]
-        futs += [s.serve.remote() for s in self.shards]
-        res = self._wait(futs, self.step_timeout_s, "generate")[:self.D]
-        outs: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
+        parts = [[int(i) for i in c] for c in torch.tensor_split(torch.arange(len(prompts)), self.D)]
+        sampling = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, eos_token_id=s.eos_token_id,
+                        pad_token_id=s.pad_token_id)
+        res = self._forward_only("generate", "generate", [
+            ([prompts[i] for i in part], self._bias, max_new_tokens, sampling, None if seed is None else seed + k,
+             return_routing, return_logprobs) for k, part in enumerate(parts)])
+        rows: list[Any] = [None] * len(prompts)
+        routing: list[Any] = [None] * len(prompts)
+        logp: list[Any] = [None] * len(prompts)
         for part, r in zip(parts, res):
-            for i, row in zip(part, r["ids"]):
-                outs[i] = row
-        new = sum(o.shape[0] - p.shape[0] for o, p in zip(outs, prompts))
-        self._report("generate", res, int(new), time.perf_counter() - t0)
-        if as_list:
-            if eos_token_id is not None:  # batch-mates kept decoding: cut each row after its first eos
-                for i, (o, p) in enumerate(zip(outs, prompts)):
-                    hit = (o[p.shape[0]:] == eos_token_id).nonzero()
-                    if len(hit):
-                        outs[i] = o[:p.shape[0] + int(hit[0]) + 1]
-            return outs
-        width = max(o.shape[0] for o in outs)
-        pad = eos_token_id if eos_token_id is not None else 0
-        return torch.stack([torch.nn.functional.pad(o, (0, width - o.shape[0]), value=pad) for o in outs])
+            for j, i in enumerate(part):
+                rows[i] = r["rows"][j]
+                routing[i] = r["routing"][j] if r["routing"] is not None else None
+                logp[i] = r["logprobs"][j] if r["logprobs"] is not None else None
+        new = sum(o.shape[0] - p.shape[0] for o, p in zip(rows, prompts))
+        self._report("generate", [r for r in res if r["counts"] is not None] or res, int(new),
+                     time.perf_counter() - t0, False)
+        if not as_list:
+            rows, routing, logp = _stack_rows(rows, routing, logp, prompts, max_new_tokens, s.pad_token_id)
+        extras = [x for x, want in ((routing, return_routing), (logp, return_logprobs)) if want]
+        return (rows, *extras) if extras else rows
 
-    def _report(self, mode: str, res: list[dict], tokens: int, seconds: float) -> None:
-        counts = np.sum([r["counts"] for r in res], axis=0)
-        self._ray.get(self.router.report.remote(mode, counts, step_seconds=seconds, tokens=tokens,
-                                                a2a=res[0]["a2a"]), timeout=60)
-
-    # ---- placement changes (step boundaries) -----------------------------------------------------
+    # ---- placement changes (step boundaries), also queued from outside -------------------------------
     def set_placement(self, placement: Placement | dict | list | str) -> Placement:
-        """Move to a new expert placement between steps: weights and AdamW state move with each expert
-        (replicas get copies), drivers re-route, the Router records the new version. No step is lost
-        or repeated: the next train_step continues from the same state."""
+        """Move to a new expert placement between steps: weights and AdamW state move rank to rank with
+        each expert (replicas get copies), drivers re-route, the Router records the new version. No step
+        is lost or repeated: the next train_step continues from the same state."""
+        from dsray.runtime.reshard import set_placement
+
         self._check()
         if not self.S:
             raise ValueError("set_placement needs expert shards (num_shards >= 1)")
-        new = self._placement(placement, list(range(self.D, self.D + self.S)), self.D + self.S)
-        new = Placement(new.n_experts, new.slots, version=max(new.version, self.placement.version + 1))
-        states, step = self._gather_expert_states()
-        self._apply_placement(new, states, step)
-        return new
+        set_placement(self, self.make_placement(placement, list(range(self.D, self.D + self.S)), self.D + self.S))
+        return self.placement
 
-    def rebalance(self, n_extra_slots: int) -> Placement:
-        """EPLB-style: give the hottest experts (by the Router's moving-average load over all MoE
-        layers) `n_extra_slots` replicas on the least-loaded shards."""
-        stats = self.stats()
-        load = np.asarray(stats["ema_counts"], dtype=np.float64).sum(axis=0)
-        return self.set_placement(self.placement.rebalanced(load.tolist(), n_extra_slots))
+    def rebalance(self, n_extra_slots: int = 0, tolerance: float = 0.02) -> Placement:
+        """The Router's proposal from its load window (EPLB-style replicas of the hottest experts on
+        `n_extra_slots` extra slots, migration-aware within `tolerance`), applied; unchanged if none."""
+        self._check()
+        if not self.S:
+            raise ValueError("rebalance needs expert shards (num_shards >= 1)")
+        if n_extra_slots < 0:
+            raise ValueError(f"n_extra_slots={n_extra_slots}: expected >= 0")
+        proposal = self.router_call("propose_rebalance", n_extra_slots, tolerance)
+        if proposal is None:
+            return self.placement
+        return self.set_placement(Placement.from_dict(proposal))
 
     def scale(self, num_shards: int, placement: str | dict | list = "linear") -> Placement:
         """Change the number of expert shards while the engine runs: new shard actors start (their own
-        placement group), removed ones stop, every rank joins a new process group, and experts with
-        their optimizer state are redistributed by `placement` over the new shards."""
+        placement group) or stop, every rank joins a new process group, and experts with their optimizer
+        state move rank to rank to the new `placement`."""
+        from dsray.runtime.reshard import scale
+
         self._check()
         if num_shards < 1 or not self.S:
             raise ValueError(f"scale: num_shards={num_shards}; scaling needs >= 1 shard before and after")
-        if num_shards == self.S:
-            return self.placement
-        ray = self._ray
-        from ray.util.placement_group import placement_group
-
-        states, step = self._gather_expert_states()
-        # Leave the old group everywhere (no collective is in flight between steps).
-        self._wait([a.shutdown.remote() for a in self.ranks], self.step_timeout_s, "leave process group")
-        old_S, world = self.S, self.D + num_shards
-        new = self._placement(placement, list(range(self.D, world)), world)
-        new = Placement(new.n_experts, new.slots, version=self.placement.version + 1)
-        if num_shards < old_S:
-            for a in self.shards[num_shards:]:
-                ray.kill(a, no_restart=True)
-            self.shards = self.shards[:num_shards]
-            self.nodes = self.nodes[:world]
-            self._specs = self._specs[:world]
-        else:
-            res = self._shard_res[-1]
-            bundles = [res.bundle()] * (num_shards - old_S)
-            pg = placement_group(bundles, strategy=self._strategy)
-            self._extra_pgs.append(pg)
-            ready, _ = ray.wait([pg.ready()], timeout=self.init_timeout_s)
-            if not ready:
+        if num_shards != self.S:
+            try:
+                scale(self, num_shards, placement)
+            except BaseException:
                 self._broken = True
-                raise RuntimeError(f"scale: {len(bundles)} more shard bundle(s) {bundles[0]} not placed within "
-                                   f"{self.init_timeout_s:.0f}s; cluster has {ray.available_resources()}")
-            base = self._specs[-1]
-            for i, r in enumerate(range(self.D + old_S, world)):
-                spec = RankSpec(**{**base.__dict__, "rank": r, "n_shards": num_shards,
-                                   "placement": new.to_dict(), "load_experts": False})
-                self._specs.append(spec)
-                self.shards.append(self._start_rank(spec, res, pg, i))
-            self.nodes += self._wait([a.node_info.remote() for a in self.shards[old_S:]], self.init_timeout_s,
-                                     "start new shards")
-        self.S = num_shards
-        for spec in self._specs:
-            spec.n_shards = num_shards
-        self._shard_res = (self._shard_res + [self._shard_res[-1]] * num_shards)[:num_shards]
-        self._init_group(n_shards=num_shards, placement=new.to_dict())
-        self._apply_placement(new, states, step)
-        return new
+                raise
+        return self.placement
 
-    def _gather_expert_states(self) -> tuple[dict[str, torch.Tensor], int]:
-        # Between steps, through the object store: this is the rare control path, not the token path.
-        parts = self._wait([s.export_state.remote() for s in self.shards], self.step_timeout_s, "export experts")
-        states: dict[str, torch.Tensor] = {}
-        for p in parts:
-            for k, v in p["weights"].items():
-                states.setdefault(k, v)
-            for k, v in p["optim"].items():
-                states.setdefault(k, v)
-        return states, max(p["optim_step"] for p in parts)
-
-    def _apply_placement(self, new: Placement, states: dict[str, torch.Tensor], step: int) -> None:
-        from dsray.model.hf import EXPERT_PROJS, expert_key
-
-        futs = []
-        for j, shard in enumerate(self.shards):
-            mine = {}
-            for layer in self.moe_layers:
-                for e in new.local_experts(self.D + j):
-                    for proj in EXPERT_PROJS:
-                        k = expert_key(layer, e, proj)
-                        for key in (k, f"{k}.exp_avg", f"{k}.exp_avg_sq"):
-                            if key in states:
-                                mine[key] = states[key]
-            futs.append(shard.reconfigure.remote(new.to_dict(), mine, step))
-        futs += [d.set_placement.remote(new.to_dict()) for d in self.drivers]
-        self._wait(futs, self.step_timeout_s, f"placement v{new.version}")
-        self.placement = new
-        for spec in self._specs:
-            spec.placement = new.to_dict()
-        self._report_placement()
+    def _apply_requests(self, every_s: float = 1.0) -> None:
+        """Apply changes queued on the Router from outside (`dsray scale` / `dsray rebalance`)."""
+        now = time.monotonic()
+        if self.router is None or now - self._last_requests_check < every_s or not self.S:
+            return
+        self._last_requests_check = now
+        for req in self.router_call("take_requests"):
+            t0, before, err = time.perf_counter(), getattr(self, "last_change", None), ""
+            try:
+                if req["kind"] == "scale":
+                    self.scale(int(req["num_shards"]))
+                else:
+                    self.rebalance(int(req.get("replicas", 0)))
+            except (ValueError, RuntimeError) as e:
+                err = str(e)
+                log.error("dsray: request %s failed: %s", req, e)
+            change = getattr(self, "last_change", None)
+            moved = change["bytes_moved"] if change is not None and change is not before else 0
+            self.router_call("confirm", req, self.placement.version, moved, time.perf_counter() - t0, err, wait=False)
+            if self._broken:
+                raise RuntimeError(f"request {req} left the engine broken: {err}")
 
     # ---- state --------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         self._check()
-        return self._ray.get(self.router.stats.remote(), timeout=60)
+        self._drain_reports()
+        out = self.router_call("stats")
+        out["recoveries"] = self.recovery.log
+        return out
 
     def bias(self) -> np.ndarray:
         return np.asarray(self._bias)
@@ -506,76 +576,62 @@ class Engine:
         driver after the all-reduce), experts from the shards. For tests and debugging."""
         from dsray.model.hf import to_hf_name
 
-        dense = self._ray.get(self.drivers[0].grads.remote(), timeout=60)
-        out = {to_hf_name(k, self.cfg): v for k, v in dense.items()}
-        for part in self._ray.get([s.grads.remote() for s in self.shards], timeout=60):
+        parts = self.group.execute("grads", ranks=[0, *range(self.D, self.D + self.S)], timeout=60)
+        out = {to_hf_name(k, self.cfg): v for k, v in parts[0].items()}
+        for part in parts[1:]:
             out.update(part)
         return out
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
-        """HF folder (official key layout, bias = the Router's) + optimizer.safetensors + dsray_router.json."""
-        from dsray.checkpoint import save_checkpoint
+        """A HF folder (official key layout, bias = the Router's, per-rank parts + one index), the AdamW
+        moments (optimizer index), generation_config.json and the Router's statistics. Every rank writes
+        its own tensors; the folder appears atomically and a crash leaves the previous one intact."""
+        from dsray.checkpoint import staged_folder
+        from dsray.config import DSRAY_SAMPLING
+        from dsray.runtime.persist import write_indexes, write_metadata
 
         self._check()
-        path = Path(path)
-        from dsray.files import check_checkpoint_target
-
-        check_checkpoint_target(path, overwrite)  # before the (long) gather
-        parts = self._wait([self.drivers[0].export_state.remote()] + [s.export_state.remote() for s in self.shards],
-                           self.step_timeout_s, "save")
-        weights: dict[str, torch.Tensor] = {}
-        optim: dict[str, torch.Tensor] = {}
-        for p in parts:
-            for k, v in p["weights"].items():
-                weights.setdefault(k, v)  # replicas hold identical copies
-            for k, v in p["optim"].items():
-                optim.setdefault(k, v)
-        bias = self._bias
-        for i, layer in enumerate(self.moe_layers):
-            weights[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"] = torch.tensor(np.array(bias[i]), dtype=torch.float32)
         stats = self.stats()
+        writers = [0, *range(self.D, self.D + self.S)]
         conf = self.cfg.to_dict()
         conf["num_nextn_predict_layers"] = self.cfg.num_nextn_predict_layers if self.has_mtp else 0
         conf["torch_dtype"] = self.dtype
-        from dsray.checkpoint import staged_folder, write_part
+        gen = self.generation.to_dict()
+        if self.checkpoint is None or not (Path(self.checkpoint) / GenerationConfig.FILE).exists():
+            gen.update(DSRAY_SAMPLING)
+        with staged_folder(Path(path), overwrite) as tmp:
+            futs = {0: self.group.actors[0].save_part.remote(str(tmp), 0, len(writers), self._bias)}
+            futs.update(self.group.execute_async("save_part", [(str(tmp), i + 1, len(writers))
+                                                               for i in range(self.S)],
+                                                 ranks=range(self.D, self.D + self.S)))
+            parts = self.group.wait(futs, self.step_timeout_s, "save")
+            write_indexes(tmp, parts, params=self._n_params(parts))
+            write_metadata(tmp, conf, gen, stats, {
+                "step": self._step, "optim_step": max(p["optim_step"] for p in parts), "engine": self.name,
+                "num_drivers": self.D, "num_shards": self.S})
+        return Path(path)
 
-        with staged_folder(path, overwrite) as tmp:
-            save_checkpoint(weights, tmp / "model", conf, extra_json={
-                "dsray_router.json": stats,
-                "dsray_state.json": {"step": self._step, "optim_step": max(p["optim_step"] for p in parts),
-                                     "engine": self.name, "num_drivers": self.D, "num_shards": self.S}})
-            for f in (tmp / "model").iterdir():
-                os.replace(f, tmp / f.name)
-            (tmp / "model").rmdir()
-            if optim:
-                write_part(tmp / "optimizer.safetensors", optim)
-        return path
+    def _n_params(self, parts: list[dict]) -> int:
+        return int(sum(n for p in parts for n in p["weights"].values()) // self.dtype_bytes)
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def shutdown(self, graceful: bool = True) -> None:
-        """Stop every actor and the placement group; idempotent; safe after errors and Ctrl-C."""
+        """Stop every actor and the placement groups; idempotent; safe after errors and Ctrl-C."""
         if getattr(self, "_closed", True):
             return
         self._closed = True
         ray = self._ray
-        try:
-            if graceful and not self._broken and self.ranks:
-                waits = [a.shutdown.remote() for a in self.ranks]
-                if self.router is not None:
-                    waits.append(self.router.flush_metrics.remote())
-                ray.wait(waits, num_returns=len(waits), timeout=10)
-        except Exception:  # noqa: BLE001 - teardown continues regardless
-            pass
-        for a in self.ranks + ([self.router] if self.router is not None else []):
+        extra = []
+        if self.router is not None and graceful and not self._broken:
             try:
-                ray.kill(a, no_restart=True)
+                extra.append(self.router.flush_metrics.remote())
             except Exception:  # noqa: BLE001
                 pass
-        for pg in [self.pg, *getattr(self, "_extra_pgs", [])]:
-            if pg is None:
-                continue
+        if self.group is not None:
+            self.group.shutdown(graceful and not self._broken, extra)
+        if self.router is not None:
             try:
-                self._remove_pg(pg)
+                ray.kill(self.router, no_restart=True)
             except Exception:  # noqa: BLE001
                 pass
         try:
@@ -592,10 +648,31 @@ class Engine:
         self.shutdown(graceful=exc[0] is None)
 
 
-def _router_cls():
-    from dsray.runtime.router import Router
+def _stack_rows(rows, routing, logp, prompts, n, pad):
+    """Rows of a [B, S] prompt batch -> HF's [B, S + n] layout (finished rows padded)."""
+    width = max(r.shape[0] for r in rows)
+    ids = torch.stack([torch.nn.functional.pad(r, (0, width - r.shape[0]), value=pad) for r in rows])
+    if routing[0] is not None:
+        routing = torch.stack([torch.nn.functional.pad(r, (0, 0, 0, 0, 0, width - r.shape[0])) for r in routing])
+    if logp[0] is not None:
+        logp = torch.stack([torch.nn.functional.pad(x, (0, width - prompts[0].shape[0] - x.shape[0])) for x in logp])
+    return ids, routing, logp
 
-    return Router
+
+def _merge_grpo_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """Token-weighted means of the drivers' statistics (each driver saw its share of the rows)."""
+    n = [s.get("n_tokens", 0.0) for s in stats]
+    total = sum(n)
+    out: dict[str, Any] = {"n_tokens": total}
+    for k in stats[0]:
+        if k == "n_tokens":
+            continue
+        vals = [s.get(k) for s in stats]
+        if any(v is None for v in vals):
+            out[k] = None
+        elif isinstance(vals[0], (int, float)):
+            out[k] = float(sum(v * w for v, w in zip(vals, n)) / total) if total else float(np.mean(vals))
+    return out
 
 
 def named_actors() -> set[str]:

@@ -20,11 +20,12 @@ import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from ray.util.metrics import Counter, Gauge, Histogram
 
-MODES = ("train", "forward", "generate")
+MODES = ("train", "grpo", "forward", "generate", "logprobs")
 A2A_PHASES = ("dispatch", "combine")
 EXPERT_DETAILS = ("full", "top", "none")
 MEMORY_KINDS = ("weights", "optimizer")
@@ -113,6 +114,13 @@ class DsrayMetrics:
                                        ("engine", "mode"))
         self.loss = Gauge("dsray_loss", "Training loss of the last step.", ("engine",))
         self.steps = Counter("dsray_steps", "Engine steps.", ("engine", "mode"))
+        self.recoveries = Counter("dsray_recoveries", "Ranks replaced or shrunk away after a failure.",
+                                  ("engine", "role"))
+        self.recovery_seconds = Histogram("dsray_recovery_seconds", "Failure noticed -> step result returned.",
+                                          STEP_BOUNDARIES_S, ("engine",))
+        self.routing_mismatch = Gauge(
+            "dsray_routing_mismatch", "RL: share of trained tokens / (token, layer) pairs whose experts differ "
+            "from the rollout's (last GRPO step without replay).", ("engine", "kind"))
 
         # Latest value of every gauge, replayed by refresh(). Step gauges are replaced per mode
         # (a generate step must not expire the last train step's loss/throughput) and as a whole
@@ -201,6 +209,21 @@ class DsrayMetrics:
             if loss is not None:
                 self._loss_gauge = [(self.loss, float(loss), {"engine": eng})]
             self._set_all_locked()
+
+    def record_extra(self, values: Mapping[str, Any]) -> None:
+        """Recoveries ("recovery": {"role", "seconds"}) and RL routing mismatch ("mismatch_tokens",
+        "mismatch_pairs")."""
+        eng = self.engine
+        rec = values.get("recovery")
+        if isinstance(rec, dict):
+            self.recoveries.inc(1.0, {"engine": eng, "role": str(rec.get("role", "rank"))})
+            self.recovery_seconds.observe(float(rec.get("seconds", 0.0)), {"engine": eng})
+        gauges = [(self.routing_mismatch, float(values[k]), {"engine": eng, "kind": k.removeprefix("mismatch_")})
+                  for k in ("mismatch_tokens", "mismatch_pairs") if values.get(k) is not None]
+        if gauges:
+            with self._lock:
+                self._mode_gauges["rl"] = gauges
+                self._set_all_locked()
 
     def record_placement(
         self,

@@ -1,9 +1,11 @@
 """The Router actor: owns routing state for one engine.
 
-- per-layer expert bias (fp32), DeepSeek-V3 auxiliary-loss-free balancing (arXiv 2408.15664):
-  after each training step, with the global per-expert counts c of a layer,
-  bias += gamma * sign(mean(c) - c)   (gamma = 0 disables; the bias only selects experts)
-- the placement table and its version
+- per-layer expert bias (fp32), DeepSeek-V3 auxiliary-loss-free balancing (arXiv 2408.15664): after
+  each training step the global per-expert counts go through a `BiasUpdater` (dsray/runtime/balance.py;
+  default rule `prop`, bias += gamma * (mean(c) - c) / mean(c), gamma 3e-2; gamma = 0 disables)
+- the placement table and its version: it proposes rebalances from its load window (`propose_rebalance`)
+  and queues placement / scale requests from outside (`request`, e.g. `dsray scale`), which the Engine
+  applies at its next step boundary and confirms with `set_placement`
 - load statistics: per-layer counts per step, moving average, MaxVio = (max c - mean c) / mean c per
   batch and over a window of steps
 - their Prometheus metrics (dsray/runtime/metrics.py)
@@ -41,14 +43,21 @@ def _locked(fn):
 
 class Router:
     def __init__(self, engine: str, moe_layers: list[int], n_experts: int, placement: dict[str, Any],
-                 gamma: float = 1e-3, bias: list[list[float]] | None = None, window: int = 50,
+                 gamma: float | None = None, bias: list[list[float]] | None = None, window: int = 50,
                  ema: float = 0.9, history: dict[str, Any] | None = None, step: int = 0,
-                 metrics: bool = True, expert_detail: str | None = None) -> None:
-        if gamma < 0:
-            raise ValueError(f"gamma={gamma}: expected >= 0")
+                 metrics: bool = True, expert_detail: str | None = None, bias_rule: str = "prop",
+                 balance_state: dict[str, Any] | None = None, lr: float | None = None) -> None:
+        from dsray.runtime.balance import BiasUpdater
+
         self.engine, self.moe_layers, self.n_experts = engine, list(moe_layers), n_experts
-        self.gamma, self.window_len, self.ema_decay = float(gamma), window, ema
         L = len(self.moe_layers)
+        self.balancer = BiasUpdater(L, n_experts, bias_rule, gamma)
+        if balance_state is not None and balance_state.get("rule") == bias_rule and gamma is None:
+            self.balancer.load_state_dict(balance_state)
+        self.gamma, self.window_len, self.ema_decay = self.balancer.gamma, window, ema
+        self.base_lr = lr
+        self.requests: list[dict[str, Any]] = []  # queued placement / scale changes, applied by the Engine
+        self.applied: list[dict[str, Any]] = []
         self.bias = (np.zeros((L, n_experts), np.float32) if bias is None
                      else np.asarray(bias, dtype=np.float32).reshape(L, n_experts))
         self.placement = placement
@@ -59,6 +68,7 @@ class Router:
         self.history = history or {k: [] for k in ("step", "mode", "maxvio_batch", "maxvio_window", "loss",
                                                    "mtp_loss", "tokens_per_s", "step_seconds", "counts")}
         self.shards: dict[str, Any] = {}
+        self.extra: dict[str, float] = {}
         self.last_tokens_per_s: float | None = None
         self.metrics = None
         if metrics:
@@ -78,15 +88,17 @@ class Router:
     @_locked
     def report(self, mode: str, counts_LE: np.ndarray, *, loss: float | None = None, mtp_loss: float | None = None,
                step_seconds: float = 0.0, tokens: int = 0, a2a: dict | None = None,
-               update_bias: bool | None = None) -> dict[str, Any]:
+               update_bias: bool | None = None, lr: float | None = None,
+               extra: dict[str, float] | None = None) -> dict[str, Any]:
         """Record one step's global counts; for training steps apply the bias rule. Returns the new bias
         and this step's balance numbers."""
         c = np.asarray(counts_LE, dtype=np.int64).reshape(len(self.moe_layers), self.n_experts)
-        update = (mode == "train") if update_bias is None else update_bias
-        if update and self.gamma > 0:
-            mean = c.mean(axis=1, keepdims=True)
-            self.bias += (self.gamma * np.sign(mean - c)).astype(np.float32)
-        if mode == "train":
+        update = (mode in ("train", "grpo")) if update_bias is None else update_bias
+        if update:
+            # the gate drifts in proportion to the learning rate: scale the bias step with an lr schedule
+            g = self.gamma * (lr / self.base_lr) if lr is not None and self.base_lr else self.gamma
+            self.bias = self.balancer.update(self.bias, c, gamma=g)
+        if mode in ("train", "grpo"):
             self.step += 1
         self.last_counts = c
         self.window.append(c)
@@ -109,8 +121,48 @@ class Router:
             self.metrics.record_step(mode=mode, counts_LE=c, bias_LE=self.bias, maxvio_batch_L=mv_batch,
                                      maxvio_window_L=mv_window, step_seconds=step_seconds, tokens=tokens,
                                      loss=loss, a2a_seconds=a2a)
+        if extra:
+            self.add_extra(extra)
         return {"bias": self.bias.copy(), "maxvio_batch": mv_batch, "maxvio_window": mv_window,
                 "step": self.step}
+
+    # ---- placement authority ---------------------------------------------------------------------------
+    @_locked
+    def propose_rebalance(self, n_extra_slots: int = 0, tolerance: float = 0.02) -> dict[str, Any] | None:
+        """A new placement from the load window (sum over layers of the moving-average counts): replicas
+        for the hottest experts on `n_extra_slots` extra slots, moving as little as possible among
+        placements within `tolerance` of the best balance. None when it would not change anything."""
+        from dsray.parallel.placement import Placement
+
+        if not self.placement.get("slots") or not self.ema.any():
+            return None
+        cur = Placement.from_dict(self.placement)
+        new = cur.rebalanced(self.ema.sum(axis=0).tolist(), n_extra_slots, tolerance=tolerance)
+        return None if new.slots == cur.slots else new.to_dict()
+
+    @_locked
+    def request(self, kind: str, **args: Any) -> int:
+        """Queue a change for the Engine's next step boundary: kind "scale" (num_shards=N) or
+        "rebalance" (replicas=K). Returns its id; `dsray status` lists pending and applied ones."""
+        if kind not in ("scale", "rebalance"):
+            raise ValueError(f"request kind {kind!r}: expected 'scale' or 'rebalance'")
+        if kind == "scale" and (not isinstance(args.get("num_shards"), int) or args["num_shards"] < 1):
+            raise ValueError(f"scale: num_shards={args.get('num_shards')!r}: expected an int >= 1")
+        if kind == "rebalance" and (not isinstance(args.get("replicas", 0), int) or args.get("replicas", 0) < 0):
+            raise ValueError(f"rebalance: replicas={args.get('replicas')!r}: expected an int >= 0")
+        rid = len(self.requests) + len(self.applied) + 1
+        self.requests.append({"id": rid, "kind": kind, **args, "from_version": self.placement.get("version", 0)})
+        return rid
+
+    @_locked
+    def take_requests(self) -> list[dict[str, Any]]:
+        out, self.requests = self.requests, []
+        return out
+
+    @_locked
+    def confirm(self, req: dict[str, Any], version: int, bytes_moved: int, seconds: float, error: str = "") -> None:
+        self.applied.append({**req, "to_version": version, "bytes_moved": bytes_moved,
+                             "seconds": round(seconds, 3), "error": error})
 
     @_locked
     def set_placement(self, placement: dict[str, Any], shards: dict[str, Any]) -> int:
@@ -141,7 +193,43 @@ class Router:
             "maxvio_batch": maxvio(self.last_counts).tolist(),
             "maxvio_window": maxvio(np.sum(self.window, axis=0)).tolist() if self.window else [0.0] * len(bias),
             "tokens_per_s": self.last_tokens_per_s, "shards": self.shards, "history": self.history,
+            "balance": self.balancer.state_dict(), "requests": {"pending": list(self.requests),
+                                                                "applied": list(self.applied)},
+            "extra": dict(self.extra),
         }
+
+    @_locked
+    def state(self) -> dict[str, Any]:
+        """Everything needed to restart this Router exactly where it is (recovery mirrors it)."""
+        return {"bias": self.bias.tolist(), "step": self.step, "history": self.history,
+                "window": [c.tolist() for c in self.window], "ema": self.ema.tolist(),
+                "last_counts": self.last_counts.tolist(), "balance": self.balancer.state_dict(),
+                "placement": self.placement, "shards": self.shards, "requests": list(self.requests),
+                "applied": list(self.applied), "extra": dict(self.extra)}
+
+    @_locked
+    def load_state(self, st: dict[str, Any]) -> None:
+        self.bias = np.asarray(st["bias"], dtype=np.float32)
+        self.step, self.history = int(st["step"]), st["history"]
+        self.window.clear()
+        for c in st["window"]:
+            self.window.append(np.asarray(c, dtype=np.int64))
+        self.ema, self.last_counts = np.asarray(st["ema"]), np.asarray(st["last_counts"], dtype=np.int64)
+        self.balancer.load_state_dict(st["balance"])
+        self.placement, self.shards = st["placement"], st["shards"]
+        self.requests, self.applied, self.extra = list(st["requests"]), list(st["applied"]), dict(st["extra"])
+
+    @_locked
+    def add_extra(self, values: dict[str, float]) -> None:
+        """Counters kept beside the routing statistics (recoveries, routing mismatch of RL steps)."""
+        for k, v in values.items():
+            if k == "recovery":
+                self.extra["recoveries"] = self.extra.get("recoveries", 0) + 1
+                self.extra.setdefault("recovery_log", []).append(v)
+            else:
+                self.extra[k] = v
+        if self.metrics is not None:
+            self.metrics.record_extra(values)
 
     def stats_json(self) -> str:
         return json.dumps(self.stats())
