@@ -183,6 +183,20 @@ def placement_panels() -> list[PanelBuilder]:
     ]
 
 
+def resilience_panels() -> list[PanelBuilder]:
+    return [
+        timeseries_panel("Recoveries", [
+            query(f"sum by (role) (increase({sel('ray_dsray_recoveries_total')}[$__rate_interval]))", "{{role}}"),
+        ], w=8, description="Ranks (or the Router) replaced after a failure, by role."),
+        timeseries_panel("Recovery time", quantiles("ray_dsray_recovery_seconds_bucket", "engine", "{{engine}}"),
+                         w=8, unit="s", description="From the failed step noticed to its result returned."),
+        timeseries_panel("RL routing mismatch", [
+            query(f"max by (kind) ({sel('ray_dsray_routing_mismatch')})", "{{kind}}"),
+        ], w=8, unit="percentunit", description="Share of trained tokens / (token, layer) pairs whose experts "
+                                                "differ from the rollout's (last GRPO step)."),
+    ]
+
+
 # Dashboard rows, top to bottom. Rows stay expanded with their panels after them on the dashboard's
 # top level: Grafana drops panels nested inside a row unless the row is collapsed.
 ROWS: list[tuple[str, Callable[[], list[PanelBuilder]]]] = [
@@ -190,6 +204,7 @@ ROWS: list[tuple[str, Callable[[], list[PanelBuilder]]]] = [
     ("Expert load", load_panels),
     ("All-to-all", a2a_panels),
     ("Placement", placement_panels),
+    ("Recovery and RL", resilience_panels),
 ]
 
 

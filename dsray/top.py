@@ -132,7 +132,7 @@ def run_top(
 
 # ---- the same view from Prometheus metrics ---------------------------------------------------------
 
-MODES = ("train", "forward", "generate")  # dsray.runtime.metrics.MODES (not imported: it pulls in Ray)
+MODES = ("train", "grpo", "forward", "generate", "logprobs")  # dsray.runtime.metrics.MODES (not imported: it pulls in Ray)
 
 
 def fetch_metrics(url: str, timeout: float = 10.0) -> str:

@@ -1,8 +1,8 @@
 """GRPO with rollout routing replay on the toy sort task, in one process (LocalPolicy) or on the Ray Engine.
 
-    python examples/rl_grpo.py                  # LocalPolicy, ~2 min on one CPU core
-    python examples/rl_grpo.py --engine         # the same on Engine(1 driver + 2 expert shards)
-    python examples/rl_grpo.py --no-replay      # train on the live routing instead of the rollout's
+Run:  python examples/rl_grpo.py             # LocalPolicy, ~2 min on one CPU core
+      python examples/rl_grpo.py --engine   # the same on Engine(1 driver + 2 expert shards)
+      python examples/rl_grpo.py --no-replay  # train on the live routing instead of the rollout's
 
 A debug-preset model is warmed up on solved examples (supervised), then GRPO samples 8 answers to each
 of 16 prompts per step, rewards exact answers, and updates twice per rollout. Prints the held-out

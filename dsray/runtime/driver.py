@@ -49,7 +49,7 @@ class DriverRank(Rank):
             return
         with torch.no_grad():
             for moe, b in zip(self.model.moe_modules(), bias_LE):
-                moe.gate.e_score_correction_bias.copy_(torch.as_tensor(np.asarray(b), dtype=torch.float32))
+                moe.gate.e_score_correction_bias.copy_(torch.tensor(np.array(b, dtype=np.float32)))
 
     def state_bias(self) -> np.ndarray:
         return np.stack([m.gate.e_score_correction_bias.cpu().numpy() for m in self.model.moe_modules()])

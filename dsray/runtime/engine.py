@@ -210,6 +210,11 @@ class Engine:
         return self.S
 
     @property
+    def nodes(self) -> list[dict[str, Any]]:
+        """Per rank: node id, ip, pid, GPUs (what `RankGroup` learned when it started the rank)."""
+        return self.group.nodes
+
+    @property
     def drivers(self) -> list:
         return self.group.actors[:self.D]
 

@@ -32,7 +32,7 @@ def run(name: str, *args: str, cwd: Path) -> str:
 
 def test_train_generate_and_read_stats(tmp_path):
     out = run("train_ep.py", cwd=tmp_path)
-    assert "step 100" in out and (tmp_path / "runs/example/checkpoint/model.safetensors").exists()
+    assert "step 100" in out and (tmp_path / "runs/example/checkpoint/model.safetensors.index.json").exists()
     gen = run("generate.py", cwd=tmp_path)
     assert gen.count("greedy :") == 3 and gen.count("sampled:") == 3
     stats = run("router_stats.py", "--file", "runs/example/checkpoint", cwd=tmp_path)

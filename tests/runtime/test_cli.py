@@ -57,7 +57,7 @@ def test_train_generate_report(tmp_path: Path):
     r = dsray("train", "--steps", "4", "--drivers", "2", "--shards", "2", "--batch-size", "4", "--seq-len", "32",
               "--save", str(ck), "--report", str(png), "--no-metrics", "--name", "clitrain")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "saved checkpoint" in r.stdout and (ck / "model.safetensors").exists() and png.stat().st_size > 10_000
+    assert "saved checkpoint" in r.stdout and (ck / "model.safetensors.index.json").exists() and png.stat().st_size > 10_000
     assert "MaxVio" in r.stdout  # the per-layer load table
     g = dsray("generate", "--checkpoint", str(ck), "--prompt", "KING:", "--prompt", "HAMLET:", "--max-new-tokens",
               "8", "--shards", "1", "--no-metrics", "--name", "cligen")

@@ -37,7 +37,7 @@ def test_rebalance_and_scale_while_training(local_ray):
     batches = [torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(k)) for k in range(5)]
     want = reference_losses(cfg, batches)
     got = []
-    with Engine.from_config(cfg, seed=3, num_drivers=2, num_shards=2, gamma=GAMMA, lr=LR, metrics=False,
+    with Engine.from_config(cfg, seed=3, num_drivers=2, num_shards=2, gamma=GAMMA, bias_rule="sign", lr=LR, metrics=False,
                             name="moves") as eng:
         got.append(eng.train_step(batches[0])["loss"])
         p1 = eng.rebalance(4)  # 4 hot experts get a replica on the other shard
