@@ -181,6 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--metrics-url", help="read the engine's metrics from a Ray metrics endpoint "
                            "(http://<Router's node>:8080/metrics) instead of connecting to Ray")
 
+    for name, helptext in (("scale", "queue a change of a running engine's shard count (applied at its next step)"),
+                           ("rebalance", "queue a load-based re-placement of a running engine's experts")):
+        s = add(name, helptext)
+        s.add_argument("--name", default="dsray", help="engine name")
+        s.add_argument("--address", default="auto", help="Ray cluster to look in")
+        if name == "scale":
+            s.add_argument("--shards", type=int, required=True, help="number of expert shards after the change")
+        else:
+            s.add_argument("--replicas", type=int, default=0, help="extra slots for replicas of the hottest experts")
+        s.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the engine to apply it (0: queue only)")
+
     _rl_args(add("rl", "GRPO with rollout routing replay on the toy sort task (SFT warm-up first)"))
 
     r = add("report", "PNG of a finished run's expert load and MaxVio")
@@ -252,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
     handlers = {"train": cmd_train, "demo": lambda a: cmd_train(a, demo=True), "generate": cmd_generate,
-                "status": cmd_status, "top": cmd_top, "report": cmd_report, "rl": cmd_rl}
+                "status": cmd_status, "top": cmd_top, "report": cmd_report, "rl": cmd_rl,
+                "scale": cmd_request, "rebalance": cmd_request}
     try:
         validate(a)
         return handlers[a.cmd](a)

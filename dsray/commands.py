@@ -70,6 +70,16 @@ def print_stats(stats: dict[str, Any], title: str) -> None:
     from dsray.top import render
 
     Console().print(render(stats, title=title))
+    req = stats.get("requests") or {}
+    for r in req.get("pending", []):
+        print(f"pending  #{r['id']} {r['kind']} {({k: v for k, v in r.items() if k in ('num_shards', 'replicas')})} "
+              f"(queued at placement v{r['from_version']})")
+    for r in req.get("applied", [])[-5:]:
+        print(f"applied  #{r['id']} {r['kind']}: v{r['from_version']} -> v{r['to_version']}, "
+              f"{r['bytes_moved']} bytes moved in {r['seconds']}s" + (f", error: {r['error']}" if r["error"] else ""))
+    rec = (stats.get("extra") or {}).get("recoveries")
+    if rec:
+        print(f"recoveries: {rec}")
 
 
 def cmd_train(a: argparse.Namespace, demo: bool = False) -> int:
@@ -174,6 +184,45 @@ def cmd_status(a: argparse.Namespace) -> int:
             print_stats(stats, "dsray status")
     finally:
         close()
+    return 0
+
+
+def cmd_request(a: argparse.Namespace) -> int:
+    """`dsray scale` / `dsray rebalance`: queue the change on the engine's Router; the engine applies it
+    at its next step boundary (new shards land wherever the cluster has the resources)."""
+    import ray
+
+    from dsray.runtime.cluster import connect
+    from dsray.runtime.engine import attach_router
+
+    if a.cmd == "scale" and a.shards < 1:
+        raise ValueError(f"--shards {a.shards}: expected >= 1")
+    if a.cmd == "rebalance" and a.replicas < 0:
+        raise ValueError(f"--replicas {a.replicas}: expected >= 0")
+    connect(a.address)
+    try:
+        router = attach_router(a.name)
+        args = {"num_shards": a.shards} if a.cmd == "scale" else {"replicas": a.replicas}
+        rid = ray.get(router.request.remote(a.cmd, **args), timeout=30)
+        print(f"queued {a.cmd} request {rid} {args} on engine {a.name!r}; applied at its next step", flush=True)
+        deadline = time.monotonic() + a.wait
+        while a.wait > 0:
+            done = [r for r in ray.get(router.stats.remote(), timeout=30)["requests"]["applied"] if r["id"] == rid]
+            if done:
+                r = done[0]
+                if r["error"]:
+                    print(f"request {rid} failed: {r['error']}", file=sys.stderr)
+                    return 1
+                print(f"applied: placement v{r['from_version']} -> v{r['to_version']}, {r['bytes_moved']} bytes "
+                      f"moved rank to rank in {r['seconds']}s")
+                return 0
+            if time.monotonic() > deadline:
+                print(f"request {rid} not applied within {a.wait:.0f}s (the engine applies it at its next step)",
+                      file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+    finally:
+        ray.shutdown()
     return 0
 
 

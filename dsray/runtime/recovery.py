@@ -154,7 +154,6 @@ class Recovery:
         return sorted({r for r, ok in alive.items() if not ok} | set(failure.dead)) if alive else failure.dead
 
     def _rebuild(self, dead: list[int], router_dead: bool) -> None:
-        import ray
 
         eng = self.eng
         g = eng.group

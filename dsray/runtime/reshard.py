@@ -109,3 +109,92 @@ def scale(eng: "Engine", num_shards: int, placement: Any = "linear") -> int:
     _adopt(eng, new, parts, f"scale to {num_shards} shards")
     eng.record_change("scale", new, moved, time.perf_counter() - t0)
     return moved
+
+
+class Placements:
+    """The Engine's placement API (mixed into `Engine`): explicit placements, the Router's rebalance
+    proposals, scaling, and requests queued from outside."""
+
+    def make_placement(self, spec, shard_ranks: list[int], world: int) -> Placement:
+        E = self.cfg.n_routed_experts
+        if isinstance(spec, Placement):
+            p = spec
+        elif spec == "linear":
+            p = Placement.linear(E, shard_ranks, world)
+        elif spec in ("round_robin", "round-robin"):
+            p = Placement.round_robin(E, shard_ranks, world)
+        elif spec == "grouped":
+            p = Placement.grouped(E, self.cfg.n_group, shard_ranks, world)
+        elif isinstance(spec, dict) and "slots" in spec:
+            p = Placement.from_dict(spec)
+        elif isinstance(spec, (dict, list)):
+            # explicit table: shard index (0..S-1) -> experts
+            items = spec.items() if isinstance(spec, dict) else enumerate(spec)
+            p = Placement.from_table({self.D + int(k): list(v) for k, v in items}, E, world)
+        else:
+            raise ValueError(f"placement={spec!r}: expected 'linear', 'round_robin', 'grouped', a Placement "
+                             "or a table")
+        if p.world_size != world or any(p.local_experts(r) for r in range(self.D)):
+            raise ValueError(f"placement must put experts only on shard ranks {shard_ranks} of a world of {world}")
+        return p
+
+    # ---- placement changes (step boundaries), also queued from outside -------------------------------
+    def set_placement(self, placement: Placement | dict | list | str) -> Placement:
+        """Move to a new expert placement between steps: weights and AdamW state move rank to rank with
+        each expert (replicas get copies), drivers re-route, the Router records the new version. No step
+        is lost or repeated: the next train_step continues from the same state."""
+        self._check()
+        if not self.S:
+            raise ValueError("set_placement needs expert shards (num_shards >= 1)")
+        set_placement(self, self.make_placement(placement, list(range(self.D, self.D + self.S)), self.D + self.S))
+        return self.placement
+
+    def rebalance(self, n_extra_slots: int = 0, tolerance: float = 0.02) -> Placement:
+        """The Router's proposal from its load window (EPLB-style replicas of the hottest experts on
+        `n_extra_slots` extra slots, migration-aware within `tolerance`), applied; unchanged if none."""
+        self._check()
+        if not self.S:
+            raise ValueError("rebalance needs expert shards (num_shards >= 1)")
+        if n_extra_slots < 0:
+            raise ValueError(f"n_extra_slots={n_extra_slots}: expected >= 0")
+        proposal = self.router_call("propose_rebalance", n_extra_slots, tolerance)
+        if proposal is None:
+            return self.placement
+        return self.set_placement(Placement.from_dict(proposal))
+
+    def scale(self, num_shards: int, placement: str | dict | list = "linear") -> Placement:
+        """Change the number of expert shards while the engine runs: new shard actors start (their own
+        placement group) or stop, every rank joins a new process group, and experts with their optimizer
+        state move rank to rank to the new `placement`."""
+        self._check()
+        if num_shards < 1 or not self.S:
+            raise ValueError(f"scale: num_shards={num_shards}; scaling needs >= 1 shard before and after")
+        if num_shards != self.S:
+            try:
+                scale(self, num_shards, placement)
+            except BaseException:
+                self._broken = True
+                raise
+        return self.placement
+
+    def _apply_requests(self, every_s: float = 1.0) -> None:
+        """Apply changes queued on the Router from outside (`dsray scale` / `dsray rebalance`)."""
+        now = time.monotonic()
+        if self.router is None or now - self._last_requests_check < every_s or not self.S:
+            return
+        self._last_requests_check = now
+        for req in self.router_call("take_requests"):
+            t0, before, err = time.perf_counter(), getattr(self, "last_change", None), ""
+            try:
+                if req["kind"] == "scale":
+                    self.scale(int(req["num_shards"]))
+                else:
+                    self.rebalance(int(req.get("replicas", 0)))
+            except (ValueError, RuntimeError) as e:
+                err = str(e)
+                log.error("dsray: request %s failed: %s", req, e)
+            change = getattr(self, "last_change", None)
+            moved = change["bytes_moved"] if change is not None and change is not before else 0
+            self.router_call("confirm", req, self.placement.version, moved, time.perf_counter() - t0, err, wait=False)
+            if self._broken:
+                raise RuntimeError(f"request {req} left the engine broken: {err}")

@@ -134,7 +134,7 @@ def test_rows_are_expanded_and_panels_follow_them() -> None:
     panels follow it on the top level, below it on the grid."""
     dashboard = _dashboard()
     rows = [p for p in dashboard["panels"] if p["type"] == "row"]
-    assert [r["title"] for r in rows] == ["Throughput", "Expert load", "All-to-all", "Placement"]
+    assert [r["title"] for r in rows] == ["Throughput", "Expert load", "All-to-all", "Placement", "Recovery and RL"]
     assert all(r["collapsed"] is False and r["panels"] == [] and r["gridPos"]["w"] == 24 for r in rows)
     assert dashboard["panels"][0]["type"] == "row"
     row_y = 0
