@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dsray.commands import cmd_generate, cmd_report, cmd_rl, cmd_status, cmd_top, cmd_train
+from dsray.commands import cmd_generate, cmd_report, cmd_request, cmd_rl, cmd_status, cmd_top, cmd_train
 
 EXIT_USAGE, EXIT_RUNTIME = 2, 1
 
