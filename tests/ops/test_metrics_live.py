@@ -408,7 +408,14 @@ def test_dashboard_panels_have_data_for_dsray_job(stack) -> None:
     time.sleep(max(0.0, end + 3.0 - time.time()))  # let the last export and scrape land
     dashboard = json.loads(DASHBOARD.read_text())
     empty = []
-    for title, t in prom_utils.dashboard_targets(dashboard):
+    targets = prom_utils.dashboard_targets(dashboard)
+    # Event panels: their series exist only after a recovery or a GRPO step, which a plain train job has
+    # none of (their queries still parse and name exported metrics: test_dashboards.py). Exempt exactly them.
+    event = {"Recoveries", "Recovery time", "RL routing mismatch"}
+    assert event <= {title for title, _ in targets}
+    for title, t in targets:
+        if title in event:
+            continue
         expr = prom_utils.substitute_vars(t["expr"], GRAFANA_VALUES)
         result = prom.query_range(expr, start - 5.0, end + 3.0, step=1.0)
         if not prom_utils.has_finite_sample(result):
