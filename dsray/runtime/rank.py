@@ -8,6 +8,7 @@ mode (dsray.parallel.ep.lockstep_layers) and meet only in collectives of one tor
 
 from __future__ import annotations
 
+import abc
 import datetime
 import os
 import socket
@@ -51,7 +52,7 @@ class RankSpec:
         return self.n_drivers + self.n_shards
 
 
-class Rank:
+class Rank(abc.ABC):
     def __init__(self, spec: RankSpec) -> None:
         self.spec = spec
         self.cfg = ModelConfig.from_dict(spec.config)
@@ -176,8 +177,9 @@ class Rank:
         return norm
 
     # ---- reference policy (RL) -----------------------------------------------------------------------
+    @abc.abstractmethod
     def _trainable(self) -> list[torch.nn.Parameter]:
-        raise NotImplementedError
+        """The parameters this rank trains (driver: dense; shard: its experts)."""
 
     def set_reference(self) -> int:
         """Freeze a copy of this rank's trainable weights as the reference policy (+1x weights, no
